@@ -1,0 +1,184 @@
+"""The one door to ComfyUI's services. Everything here degrades cleanly when ComfyUI is absent (tests, CLI).
+
+Other node modules call these functions and never import ComfyUI themselves.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger("flux2_accel")
+
+try:  # ComfyUI's modules exist only inside a running ComfyUI
+    import folder_paths as _folder_paths  # type: ignore
+except ImportError:  # pragma: no cover - exercised by the real-ComfyUI test
+    _folder_paths = None
+
+try:
+    import comfy.model_management as _mm  # type: ignore
+except ImportError:
+    _mm = None
+
+IN_COMFYUI = _folder_paths is not None
+
+# Fallback model roots outside ComfyUI (tests): FLUX2_ACCEL_MODELS_DIR/<folder_name>/...
+_FALLBACK_ENV = "FLUX2_ACCEL_MODELS_DIR"
+
+
+def list_models(folder_name: str) -> list[str]:
+    """File names in one of ComfyUI's model folders (e.g. "diffusion_models"), sorted."""
+    if _folder_paths is not None:
+        try:
+            return sorted(_folder_paths.get_filename_list(folder_name))
+        except KeyError:
+            return []
+    root = os.environ.get(_FALLBACK_ENV)
+    if not root or not os.path.isdir(os.path.join(root, folder_name)):
+        return []
+    base = os.path.join(root, folder_name)
+    out = []
+    for dirpath, dirnames, filenames in os.walk(base, followlinks=True):
+        rel = os.path.relpath(dirpath, base)
+        for f in filenames:
+            out.append(f if rel == "." else os.path.join(rel, f))
+    return sorted(out)
+
+
+def list_diffusers_folders() -> list[str]:
+    """Diffusers pipeline or component folders under models/diffusers (those with model_index.json or config.json)."""
+    roots = (_folder_paths.get_folder_paths("diffusers") if _folder_paths is not None
+             else [os.path.join(os.environ.get(_FALLBACK_ENV, ""), "diffusers")])
+    found = set()
+    for root in roots:
+        if not os.path.isdir(root):
+            continue
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+            if "model_index.json" in filenames or "config.json" in filenames:
+                found.add(os.path.relpath(dirpath, root))
+                dirnames[:] = [] if "model_index.json" in filenames else dirnames
+    return sorted(found)
+
+
+def resolve_model(folder_name: str, name: str) -> str:
+    """Absolute path of `name` inside ComfyUI's `folder_name` folders. Names are never resolved elsewhere."""
+    from ..optim.errors import ModelFileError
+
+    if not name:
+        raise ModelFileError(f"No file chosen for {folder_name}: put a model in models/{folder_name} and pick it.")
+    if _folder_paths is not None:
+        if folder_name == "diffusers":
+            for root in _folder_paths.get_folder_paths("diffusers"):
+                candidate = _safe_join(root, name)
+                if candidate and os.path.isdir(candidate):
+                    return candidate
+        else:
+            path = _folder_paths.get_full_path(folder_name, name)
+            if path:
+                return path
+        raise ModelFileError(f"'{name}' was not found in ComfyUI's models/{folder_name} folder(s). "
+                             "Refresh the node (press R) after adding files.")
+    root = os.path.join(os.environ.get(_FALLBACK_ENV, ""), folder_name)
+    candidate = _safe_join(root, name)
+    if candidate and os.path.exists(candidate):
+        return candidate
+    raise ModelFileError(f"'{name}' was not found in models/{folder_name}.")
+
+
+def _safe_join(root: str, name: str) -> str | None:
+    """root/name, or None if `name` escapes root (absolute paths, '..')."""
+    root = os.path.realpath(root)
+    path = os.path.realpath(os.path.join(root, name))
+    return path if os.path.commonpath([root, path]) == root else None
+
+
+def comfy_dir(*parts) -> str | None:
+    """A path inside the ComfyUI installation (e.g. its shipped tokenizers), or None outside ComfyUI."""
+    if _folder_paths is None:
+        return None
+    return os.path.join(os.path.dirname(os.path.abspath(_folder_paths.__file__)), *parts)
+
+
+def user_directory() -> str | None:
+    return _folder_paths.get_user_directory() if _folder_paths is not None else None
+
+
+def temp_directory() -> str | None:
+    return _folder_paths.get_temp_directory() if _folder_paths is not None else None
+
+
+def torch_device():
+    import torch
+
+    if _mm is not None:
+        return _mm.get_torch_device()
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def interrupt_requested() -> bool:
+    """True when the user pressed Cancel in ComfyUI."""
+    if _mm is None:
+        return False
+    return bool(getattr(_mm, "interrupt_processing", False))
+
+
+def raise_if_interrupted() -> None:
+    if _mm is not None:
+        _mm.throw_exception_if_processing_interrupted()
+
+
+class Progress:
+    """ComfyUI's progress bar with optional latent previews; a no-op outside ComfyUI."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self._bar = None
+        self._previewer = None
+        try:
+            import comfy.utils  # type: ignore
+
+            self._bar = comfy.utils.ProgressBar(total)
+        except ImportError:
+            return
+        try:
+            import comfy.latent_formats  # type: ignore
+            import latent_preview  # type: ignore
+
+            self._previewer = latent_preview.get_previewer(torch_device(), comfy.latent_formats.Flux2())
+        except Exception:  # previews are a nicety; never fail a run over them
+            self._previewer = None
+
+    def update(self, step: int, latent_fn=None) -> None:
+        if self._bar is None:
+            return
+        preview = None
+        if self._previewer is not None and latent_fn is not None:
+            try:
+                latent = latent_fn()
+                if latent.shape[1] == 128:  # the real FLUX.2 VAE; tiny test models have no preview factors
+                    preview = self._previewer.decode_latent_to_preview_image("JPEG", latent[:1])
+            except Exception:
+                preview = None
+        self._bar.update_absolute(step, self.total, preview)
+
+
+def on_free_memory(callback) -> None:
+    """Call `callback` whenever ComfyUI unloads models (the "Free model and node cache" button, low VRAM)."""
+    if _mm is None or getattr(_mm.unload_all_models, "_flux2_accel_hooks", None) is not None:
+        if _mm is not None:
+            _mm.unload_all_models._flux2_accel_hooks.append(callback)
+        return
+    original = _mm.unload_all_models
+    hooks = [callback]
+
+    def unload_all_models(*args, **kwargs):
+        result = original(*args, **kwargs)
+        for hook in hooks:
+            try:
+                hook()
+            except Exception:  # a failing hook must not break ComfyUI's own unloading
+                log.exception("flux2-accel: releasing models failed")
+        return result
+
+    unload_all_models._flux2_accel_hooks = hooks
+    _mm.unload_all_models = unload_all_models

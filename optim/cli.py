@@ -1,0 +1,40 @@
+"""`flux2-accel` command line: the pack's engine without ComfyUI.
+
+Subcommands are listed in COMMANDS (name -> module); each module has `add_arguments(parser)` and `run(args) -> int`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .errors import Flux2AccelError
+
+COMMANDS = {
+    "generate": ("generate", "text-to-image (or edit) with given model files, or --demo with tiny random weights"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flux2-accel", description="Fast and light FLUX.2, without ComfyUI.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        importlib.import_module(f".{module}", __package__).add_arguments(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    module = importlib.import_module(f".{args._module}", __package__)
+    try:
+        return int(module.run(args) or 0)
+    except Flux2AccelError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,17 @@
+"""User-facing errors. Every message names the file or field at fault and says what to do."""
+
+
+class Flux2AccelError(ValueError):
+    """Base class: a problem with what the user gave us, not a bug."""
+
+
+class ModelFileError(Flux2AccelError):
+    """A model file or folder is missing, unreadable, or not what the loader expects."""
+
+
+class InputError(Flux2AccelError):
+    """A widget or argument value is out of range or inconsistent."""
+
+
+class Interrupted(Exception):
+    """Sampling was stopped between steps at the user's request."""

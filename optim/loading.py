@@ -1,0 +1,166 @@
+"""Loading FLUX.2 components from diffusers folders or single safetensors files.
+
+Single files are built on the meta device and filled with `load_state_dict(assign=True)` straight from the memory
+map, one tensor at a time, so the weights are never held twice.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from . import arch, layouts, prequant
+from .checkpoint import Checkpoint, open_checkpoint
+from .errors import ModelFileError
+
+PIPELINE_SUBFOLDERS = {layouts.TRANSFORMER: "transformer", layouts.VAE: "vae", layouts.TEXT_ENCODER: "text_encoder"}
+
+
+def _diffusers_folder(path: Path, component: str) -> Path:
+    """The component folder inside a diffusers pipeline folder (or the folder itself if it is the component)."""
+    sub = path / PIPELINE_SUBFOLDERS[component]
+    if (path / "model_index.json").exists():
+        if not sub.is_dir():
+            raise ModelFileError(f"Diffusers folder '{path}' has no '{sub.name}' subfolder.")
+        return sub
+    if (path / "config.json").exists():
+        return path
+    raise ModelFileError(f"'{path}' is neither a diffusers pipeline folder (model_index.json) nor a component "
+                         f"folder (config.json).")
+
+
+def _build_from_state_dict(cls_or_factory, config, state_dict: dict, dtype, name: str):
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        model = cls_or_factory(config)
+    expected = set(model.state_dict().keys())
+    got = set(state_dict)
+    missing, unexpected = sorted(expected - got), sorted(got - expected)
+    if missing:
+        raise ModelFileError(f"'{name}' is missing {len(missing)} tensors the model needs "
+                             f"(e.g. {', '.join(missing[:3])}); the file is incomplete or of another model.")
+    if unexpected:
+        raise ModelFileError(f"'{name}' has {len(unexpected)} tensors this model does not use "
+                             f"(e.g. {', '.join(unexpected[:3])}).")
+    cast = {k: (v.to(dtype) if v.is_floating_point() and dtype is not None else v) for k, v in state_dict.items()}
+    model.load_state_dict(cast, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def _open_file(path: Path, component: str) -> tuple[Checkpoint, layouts.Layout]:
+    ckpt = open_checkpoint(path)
+    layout = layouts.identify(ckpt)
+    layouts.require(layout, component, ckpt)
+    return ckpt, layout
+
+
+# ---------------------------------------------------------------- transformer
+
+def load_transformer(path, dtype=torch.bfloat16):
+    """Flux2Transformer2DModel from a diffusers folder or a BFL / Comfy-Org / diffusers single file."""
+    from diffusers import Flux2Transformer2DModel
+
+    path = Path(path)
+    if path.is_dir():
+        folder = _diffusers_folder(path, layouts.TRANSFORMER)
+        return Flux2Transformer2DModel.from_pretrained(folder, torch_dtype=dtype, local_files_only=True).eval()
+    ckpt, layout = _open_file(path, layouts.TRANSFORMER)
+    sd = prequant.dequantize_for_load(ckpt.load(), ckpt.name)
+    sd = layouts.transformer_to_diffusers(sd, layout)
+    config = arch.transformer_config({k: tuple(v.shape) for k, v in sd.items()}, ckpt.name)
+    return _build_from_state_dict(lambda c: Flux2Transformer2DModel(**c), config, sd, dtype, ckpt.name)
+
+
+# ---------------------------------------------------------------- VAE
+
+def load_vae(path, dtype=torch.float32):
+    """AutoencoderKLFlux2 from a diffusers folder or a single file (Comfy-Org flux2-vae / diffusers layout)."""
+    from diffusers import AutoencoderKLFlux2
+
+    path = Path(path)
+    if path.is_dir():
+        folder = _diffusers_folder(path, layouts.VAE)
+        return AutoencoderKLFlux2.from_pretrained(folder, torch_dtype=dtype, local_files_only=True).eval()
+    ckpt, layout = _open_file(path, layouts.VAE)
+    sd = ckpt.load()
+    if layout.layout == "ldm":
+        # The LDM converter needs the block count, which the LDM names give directly.
+        n = arch._count([k[len(layout.prefix):] for k in sd], r"encoder\.down\.(\d+)\.")
+        sd = layouts.vae_to_diffusers(sd, layout, {"down_block_types": (None,) * n, "up_block_types": (None,) * n})
+    else:
+        sd = layouts.vae_to_diffusers(sd, layout, {})
+    sd.pop("bn.num_batches_tracked", None)
+    config = arch.vae_config({k: tuple(v.shape) for k, v in sd.items()}, ckpt.name)
+    vae = _build_from_state_dict(lambda c: AutoencoderKLFlux2(**c), config,
+                                 {**sd, "bn.num_batches_tracked": torch.tensor(0)}, dtype, ckpt.name)
+    return vae
+
+
+# ---------------------------------------------------------------- text encoder
+
+def _text_model_class(family: str):
+    if family == "qwen3":
+        from transformers import Qwen3Config, Qwen3Model
+
+        return Qwen3Config, Qwen3Model
+    from transformers import MistralConfig, MistralModel
+
+    return MistralConfig, MistralModel
+
+
+def load_text_encoder(path, dtype=torch.bfloat16, tokenizer_path=None):
+    """A TextEncoder (model + tokenizer + the hidden layers FLUX.2 reads) from a folder or a single file."""
+    from .text_encoding import TextEncoder, load_tokenizer
+
+    path = Path(path)
+    if path.is_dir():
+        return _load_text_encoder_folder(path, dtype)
+    ckpt, layout = _open_file(path, layouts.TEXT_ENCODER)
+    wanted = [k for k in ckpt.keys() if k.startswith(layout.prefix)]
+    sd = layouts.text_encoder_to_hf(prequant.dequantize_for_load(ckpt.load(wanted), ckpt.name), layout)
+    config_kwargs, out_layers = arch.text_encoder_config({k: tuple(v.shape) for k, v in sd.items()}, layout.family,
+                                                        ckpt.name)
+    config_cls, model_cls = _text_model_class(layout.family)
+    config = config_cls(**config_kwargs, tie_word_embeddings=False)
+    model = _build_from_state_dict(model_cls, config, sd, dtype, ckpt.name)
+    if max(out_layers) == config.num_hidden_layers:
+        # A pruned encoder (Comfy-Org ships Mistral cut at layer 30): its last hidden state must not be normed.
+        model.norm = torch.nn.Identity()
+    tokenizer = load_tokenizer(ckpt, layout.family, tokenizer_path)
+    return TextEncoder(model=model, tokenizer=tokenizer, family=layout.family, out_layers=out_layers,
+                       identity=f"{ckpt.name}:{ckpt.path.stat().st_size}")
+
+
+def _load_text_encoder_folder(path: Path, dtype):
+    from transformers import AutoTokenizer
+
+    from .text_encoding import TextEncoder
+
+    root = path if (path / "model_index.json").exists() else None
+    folder = _diffusers_folder(path, layouts.TEXT_ENCODER)
+    config = json.loads((folder / "config.json").read_text())
+    arch_name = (config.get("architectures") or [""])[0]
+    if "Qwen3" in arch_name:
+        from transformers import Qwen3ForCausalLM as cls
+
+        family = "qwen3"
+    elif "Mistral" in arch_name:
+        from transformers import Mistral3ForConditionalGeneration as cls
+
+        family = "mistral"
+    else:
+        raise ModelFileError(f"'{folder}' holds a {arch_name or 'unknown'} model; FLUX.2 uses Mistral 3 (dev) or "
+                             "Qwen3 (klein) text encoders.")
+    model = cls.from_pretrained(folder, dtype=dtype, local_files_only=True).eval()
+    tok_folder = (root / "tokenizer") if root is not None else folder
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tok_folder, local_files_only=True)
+    except Exception as e:
+        raise ModelFileError(f"No usable tokenizer in '{tok_folder}': {e}") from e
+    text_cfg = getattr(model.config, "text_config", model.config)
+    out_layers = arch.text_out_layers(family, text_cfg.hidden_size, text_cfg.num_hidden_layers, str(folder))
+    return TextEncoder(model=model, tokenizer=tokenizer, family=family, out_layers=out_layers,
+                       identity=f"{folder}:{(folder / 'config.json').stat().st_mtime_ns}")

@@ -1,0 +1,127 @@
+"""Sampling FLUX.2 on diffusers' own pipelines (Flux2Pipeline for [dev], Flux2KleinPipeline for [klein]).
+
+The pipeline is built around components we already hold (no text encoder: conditioning comes in as embeddings) and
+asked for latents. Noise follows ComfyUI's seed semantics: one CPU generator seeded with the widget value draws the
+whole batch, so a seed gives the same image on any device and matches plain diffusers given the same generator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .errors import InputError, Interrupted
+from .latents import packed_to_latent, spatial_factor, to_pil
+from .text_encoding import Flux2Conditioning
+
+MAX_SEED = 0xFFFF_FFFF_FFFF_FFFF
+MAX_RESOLUTION = 8192
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    width: int = 1024
+    height: int = 1024
+    steps: int = 28
+    guidance: float = 4.0
+    seed: int = 0
+    batch_size: int = 1
+
+    def validate(self, multiple: int = 16) -> None:
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < multiple or value > MAX_RESOLUTION or value % multiple:
+                raise InputError(f"{name} is {value}: it must be a multiple of {multiple} between {multiple} "
+                                 f"and {MAX_RESOLUTION}.")
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise InputError(f"steps is {self.steps}: at least 1 step is needed.")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise InputError(f"batch_size is {self.batch_size}: it must be at least 1.")
+        if not 0 <= int(self.seed) <= MAX_SEED:
+            raise InputError(f"seed is {self.seed}: it must be between 0 and {MAX_SEED}.")
+        if not 0.0 <= float(self.guidance) <= 100.0:
+            raise InputError(f"guidance is {self.guidance}: it must be between 0 and 100.")
+
+
+StepCallback = Callable[[int, int, Callable[[], torch.Tensor]], None]
+
+
+def family_of(transformer) -> str:
+    """[dev] embeds guidance; [klein] does not."""
+    return "dev" if transformer.config.guidance_embeds else "klein"
+
+
+def build_pipeline(transformer, vae, family: str, distilled: bool = True):
+    from diffusers import Flux2KleinPipeline, Flux2Pipeline
+
+    from .tiny import scheduler_for
+
+    if family == "dev":
+        pipe = Flux2Pipeline(scheduler=scheduler_for(family), vae=vae, text_encoder=None, tokenizer=None,
+                             transformer=transformer)
+    else:
+        pipe = Flux2KleinPipeline(scheduler=scheduler_for(family), vae=vae, text_encoder=None, tokenizer=None,
+                                  transformer=transformer, is_distilled=distilled)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def check_conditioning(transformer, conditioning: Flux2Conditioning, field_name: str = "conditioning") -> None:
+    want = transformer.config.joint_attention_dim
+    got = conditioning.prompt_embeds.shape[-1]
+    if got != want:
+        raise InputError(
+            f"{field_name} has embeddings of width {got} (shape {tuple(conditioning.prompt_embeds.shape)}) but this "
+            f"transformer expects width {want}: the text encoder does not belong to this model "
+            f"({'Mistral 3 for [dev], ' if want == 15360 else ''}Qwen3 for [klein]).")
+
+
+@torch.no_grad()
+def sample(transformer, vae, conditioning: Flux2Conditioning, params: SamplingParams, *,
+           reference_images: torch.Tensor | list | None = None, negative: Flux2Conditioning | None = None,
+           on_step: StepCallback | None = None, should_interrupt: Callable[[], bool] | None = None,
+           attention_kwargs: dict | None = None) -> torch.Tensor:
+    """Denoise and return LATENT [B, 4C, H/16, W/16] (float32, CPU)."""
+    factor = spatial_factor(vae)
+    params.validate(multiple=factor)
+    check_conditioning(transformer, conditioning)
+    family = family_of(transformer)
+    use_cfg = family == "klein" and negative is not None and params.guidance > 1.0
+    if negative is not None:
+        check_conditioning(transformer, negative, "negative conditioning")
+    pipe = build_pipeline(transformer, vae, family, distilled=not use_cfg)
+    device = next(transformer.parameters()).device
+    h, w = params.height // factor, params.width // factor
+
+    final = {}
+
+    def callback(pipeline, i, t, kwargs):
+        # The packed latents after the last step are the result: the two pipelines post-process their outputs
+        # differently (Klein returns them de-normalised), the per-step tensors are the same in both.
+        final["latents"] = kwargs["latents"]
+        if should_interrupt is not None and should_interrupt():
+            raise Interrupted(f"interrupted after {i + 1} of {params.steps} steps")
+        if on_step is not None:
+            latents = kwargs["latents"]
+            on_step(i + 1, params.steps, lambda: packed_to_latent(latents, h, w).float())
+        return {}
+
+    images = None
+    if reference_images is not None:
+        images = to_pil(reference_images) if torch.is_tensor(reference_images) else list(reference_images)
+        for n, img in enumerate(images):
+            if min(img.size) < 64:
+                raise InputError(f"reference image {n + 1} is {img.size[0]}x{img.size[1]}; reference images must "
+                                 "be at least 64 pixels on each side.")
+    kwargs = dict(
+        image=images, prompt_embeds=conditioning.prompt_embeds.to(device, transformer.dtype),
+        height=params.height, width=params.width, num_inference_steps=params.steps, guidance_scale=params.guidance,
+        num_images_per_prompt=params.batch_size, generator=torch.Generator("cpu").manual_seed(int(params.seed)),
+        output_type="latent", callback_on_step_end=callback, attention_kwargs=attention_kwargs,
+    )
+    if family == "klein" and use_cfg:
+        kwargs["negative_prompt_embeds"] = negative.prompt_embeds.to(device, transformer.dtype)
+    pipe(**kwargs)
+    return packed_to_latent(final["latents"], h, w).float().cpu()
