@@ -105,8 +105,10 @@ def register_feature(feature: Feature) -> None:
 
 @dataclass
 class RunReport:
-    """What happened in one run, filled in by features (cache statistics, compile info...)."""
+    """One run: its sampling parameters (set by the caller before `prepared`), and what features report back
+    (cache statistics, compile info...) under `stats[feature_name]`."""
 
+    params: Any = None  # optim.sampling.SamplingParams
     stats: dict = field(default_factory=dict)
 
 
