@@ -138,7 +138,7 @@ def build_text_encoder(spec: ComponentSpec = TINY, seed: int = 0, dtype=torch.fl
     text = dict(vocab_size=vocab_size, hidden_size=spec.text_hidden_size, intermediate_size=2 * spec.text_hidden_size,
                 num_hidden_layers=spec.text_layers, num_attention_heads=spec.text_heads,
                 num_key_value_heads=spec.text_heads, head_dim=spec.text_head_dim, max_position_embeddings=1024,
-                rms_norm_eps=1e-5)
+                rms_norm_eps=1e-5 if spec.family == "dev" else 1e-6)  # Mistral Small 3.1 / Qwen3 values
     if spec.family == "dev":
         from transformers import Mistral3Config, Mistral3ForConditionalGeneration
 

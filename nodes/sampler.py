@@ -1,0 +1,87 @@
+"""The FLUX.2 sampler node: text-to-image and multi-reference editing, returning IMAGE and LATENT."""
+
+from __future__ import annotations
+
+import logging
+
+from ..optim import latents
+from ..optim.errors import Interrupted
+from ..optim.handle import STORE, RunReport
+from ..optim.sampling import MAX_RESOLUTION, MAX_SEED, SamplingParams, sample
+from . import comfy_services
+
+log = logging.getLogger("flux2_accel")
+comfy_services.on_free_memory(STORE.clear)
+
+
+def format_stats(stats: dict) -> list[str]:
+    lines = []
+    for name, values in stats.items():
+        if isinstance(values, dict):
+            body = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+        else:
+            body = str(values)
+        lines.append(f"{name}: {body}")
+    return lines
+
+
+class Flux2AccelSampler:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("FLUX2_MODEL", {"tooltip": "From Load Diffusion Model (FLUX.2), cache, compile or LoRA "
+                                                     "nodes."}),
+                "vae": ("FLUX2_VAE", {"tooltip": "From Load VAE (FLUX.2)."}),
+                "conditioning": ("FLUX2_CONDITIONING", {"tooltip": "From Text Encode (FLUX.2)."}),
+                "width": ("INT", {"default": 1024, "min": 16, "max": MAX_RESOLUTION, "step": 16,
+                                  "tooltip": "Image width in pixels, a multiple of 16."}),
+                "height": ("INT", {"default": 1024, "min": 16, "max": MAX_RESOLUTION, "step": 16,
+                                   "tooltip": "Image height in pixels, a multiple of 16."}),
+                "steps": ("INT", {"default": 28, "min": 1, "max": 200,
+                                  "tooltip": "Denoising steps. 28-50 for [dev]; 4 for distilled [klein]."}),
+                "guidance": ("FLOAT", {"default": 4.0, "min": 0.0, "max": 100.0, "step": 0.1,
+                                       "tooltip": "[dev]: embedded guidance strength. [klein]: CFG scale, used only "
+                                                  "when a negative conditioning is connected (base models)."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True,
+                                 "tooltip": "Noise seed. The same seed gives the same image on any device."}),
+                "batch_size": ("INT", {"default": 1, "min": 1, "max": 64,
+                                       "tooltip": "Images per prompt, drawn from one seeded noise batch."}),
+            },
+            "optional": {
+                "reference_images": ("IMAGE", {"tooltip": "Images to edit or take references from; each image of "
+                                                          "the batch is one reference (at least 64 px a side)."}),
+                "negative": ("FLUX2_CONDITIONING", {"tooltip": "[klein] base models only: enables CFG."}),
+            },
+        }
+
+    RETURN_TYPES = ("IMAGE", "LATENT")
+    RETURN_NAMES = ("image", "latent")
+    FUNCTION = "generate"
+    CATEGORY = "flux2-accel/sampling"
+    DESCRIPTION = "Samples FLUX.2 on diffusers' pipeline: text-to-image, or editing with reference images."
+
+    def generate(self, model, vae, conditioning, width, height, steps, guidance, seed, batch_size,
+                 reference_images=None, negative=None):
+        params = SamplingParams(width, height, steps, guidance, seed, batch_size)
+        progress = comfy_services.Progress(steps)
+        report = RunReport(params=params)
+        vae_module = STORE.vae(vae).to(comfy_services.torch_device())
+        with STORE.prepared(model, report) as transformer:
+            transformer.to(comfy_services.torch_device())
+            try:
+                latent = sample(transformer, vae_module, conditioning, params, reference_images=reference_images,
+                                negative=negative, on_step=lambda i, n, get: progress.update(i, get),
+                                should_interrupt=comfy_services.interrupt_requested)
+            except Interrupted:
+                comfy_services.raise_if_interrupted()
+                raise
+        image = latents.decode(vae_module, latent)
+        lines = format_stats(report.stats)
+        for line in lines:
+            log.info("flux2-accel %s", line)
+        return {"ui": {"flux2_stats": lines}, "result": (image, {"samples": latent})}
+
+
+NODE_CLASS_MAPPINGS = {"Flux2AccelSampler": Flux2AccelSampler}
+NODE_DISPLAY_NAME_MAPPINGS = {"Flux2AccelSampler": "Sampler (FLUX.2)"}

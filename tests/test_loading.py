@@ -1,0 +1,215 @@
+"""Loaders: every layout loads, every architecture parameter reads back, bad files fail clearly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from flux2_accel.optim import arch, loading
+from flux2_accel.optim.checkpoint import open_checkpoint
+from flux2_accel.optim.errors import ModelFileError
+
+from .layout_fixtures import tekken_tensor
+
+TRANSFORMER_LAYOUTS = ["bfl", "comfy", "diffusers_file", "folder"]
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k].float(), sb[k].float()) for k in sa)
+
+
+@pytest.mark.parametrize("family", ["dev", "klein"])
+@pytest.mark.parametrize("layout", TRANSFORMER_LAYOUTS)
+def test_transformer_layouts_load_exactly(tiny_models, family, layout):
+    ref = getattr(tiny_models, family).transformer
+    model = loading.load_transformer(tiny_models.files[f"{family}_{layout}"], dtype=torch.float32)
+    for key, value in ref.config.items():
+        if not key.startswith("_"):
+            got = model.config[key]
+            assert (tuple(got) if isinstance(got, (list, tuple)) else got) == \
+                (tuple(value) if isinstance(value, (list, tuple)) else value), key
+    assert _same_weights(model, ref)
+
+
+def test_transformer_config_at_real_sizes():
+    """dev, klein-4B and klein-9B proportions read back from shapes alone (meta tensors, no weights)."""
+    from diffusers import Flux2Transformer2DModel
+
+    cases = {"dev": dict(num_layers=8, num_single_layers=48, num_attention_heads=48, joint_attention_dim=15360,
+                         guidance_embeds=True),
+             "klein-4b": dict(num_layers=5, num_single_layers=20, num_attention_heads=24, joint_attention_dim=7680,
+                              guidance_embeds=False),
+             "klein-9b": dict(num_layers=8, num_single_layers=24, num_attention_heads=32, joint_attention_dim=12288,
+                              guidance_embeds=False)}
+    for name, cfg in cases.items():
+        with torch.device("meta"):
+            m = Flux2Transformer2DModel(**cfg)
+        got = arch.transformer_config({k: tuple(v.shape) for k, v in m.state_dict().items()}, name)
+        for key, value in cfg.items():
+            assert got[key] == value, (name, key)
+        assert got["in_channels"] == 128 and got["attention_head_dim"] == 128 and got["axes_dims_rope"] == (32,) * 4
+
+
+@pytest.mark.parametrize("label", ["vae_ldm", "vae_diffusers_file", "dev_folder"])
+def test_vae_layouts_load_exactly(tiny_models, label):
+    ref = tiny_models.dev.vae
+    vae = loading.load_vae(tiny_models.files[label])
+    for key in ("block_out_channels", "latent_channels", "layers_per_block", "use_quant_conv", "use_post_quant_conv",
+                "mid_block_add_attention", "norm_num_groups", "in_channels", "out_channels"):
+        assert vae.config[key] == ref.config[key] or tuple(vae.config[key]) == tuple(ref.config[key]), key
+    assert _same_weights(vae, ref)
+
+
+def _reference_embeds(components, prompt):
+    pipe = components.pipeline()
+    embeds, _ = pipe.encode_prompt(prompt, text_encoder_out_layers=components.spec.text_out_layers)
+    return embeds
+
+
+@pytest.mark.parametrize("label,family", [("mistral_comfy", "dev"), ("mistral_hf_file", "dev"),
+                                          ("dev_folder", "dev"), ("qwen_comfy", "klein"), ("klein_folder", "klein")])
+def test_text_encoder_layouts_match_diffusers(tiny_models, label, family):
+    comps = getattr(tiny_models, family)
+    path = tiny_models.files[label]
+    tok = None
+    if label == "mistral_hf_file":
+        tok = tiny_models.root / "text_encoders" / "mistral_comfy_tokenizer"
+    enc = loading.load_text_encoder(path, dtype=torch.float32, tokenizer_path=tok)
+    assert enc.out_layers == comps.spec.text_out_layers
+    got = enc.encode("a red dog in a green house").prompt_embeds
+    assert torch.equal(got, _reference_embeds(comps, "a red dog in a green house"))
+
+
+def test_text_encoder_config_reads_back(tiny_models):
+    spec = tiny_models.dev.spec
+    ckpt = open_checkpoint(tiny_models.files["mistral_comfy"])
+    shapes = {k[len("model."):]: v.shape for k, v in ckpt.tensors.items()}
+    cfg, out_layers = arch.text_encoder_config(shapes, "mistral")
+    assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["head_dim"],
+            cfg["num_key_value_heads"], cfg["intermediate_size"]) == (
+        spec.text_hidden_size, spec.text_layers, spec.text_heads, spec.text_head_dim, spec.text_heads,
+        2 * spec.text_hidden_size)
+    assert out_layers == spec.text_out_layers
+    assert arch.text_out_layers("mistral", 5120, 40) == (10, 20, 30)
+    assert arch.text_out_layers("qwen3", 2560, 36) == (9, 18, 27)
+
+
+def test_embedded_tekken_tokenizer(tiny_models, tmp_path):
+    """Comfy-Org's Mistral files carry their vocabulary as a `tekken_model` tensor; it must be used."""
+    from flux2_accel.optim import tiny
+
+    from .conftest import TEKKEN_SPECIALS
+
+    words = ["a", " red", " dog", "You", " are", " an", " AI"]
+    tekken = tekken_tensor(words, TEKKEN_SPECIALS)
+    sd = {k: v for k, v in open_checkpoint(tiny_models.files["mistral_comfy"]).load().items()}
+    vocab = len(TEKKEN_SPECIALS) + 256 + 40
+    sd["model.embed_tokens.weight"] = torch.randn(vocab, tiny.TINY.text_hidden_size)
+    path = tmp_path / "mistral_tekken.safetensors"
+    save_file({**sd, "tekken_model": tekken}, str(path))
+    enc = loading.load_text_encoder(path, dtype=torch.float32)
+    ids = enc.tokenizer("a red dog")["input_ids"]
+    assert enc.tokenizer.convert_tokens_to_ids("[INST]") == TEKKEN_SPECIALS.index("[INST]")
+    assert len(ids) == 3 and all(i >= len(TEKKEN_SPECIALS) for i in ids)
+    assert enc.encode("a red dog").prompt_embeds.shape == (1, 512, 3 * tiny.TINY.text_hidden_size)
+
+
+def test_fp8_scaled_file_is_upcast_with_its_scales(tiny_models, tmp_path):
+    ref_sd = open_checkpoint(tiny_models.files["dev_bfl"]).load()
+    quant = {}
+    for k, v in ref_sd.items():
+        if k.endswith(".weight") and v.ndim == 2 and "blocks" in k:
+            scale = v.abs().max() / 448.0
+            quant[k] = (v / scale).to(torch.float8_e4m3fn)
+            quant[k[:-7] + ".weight_scale"] = scale.float()
+            quant[k[:-7] + ".comfy_quant"] = torch.tensor(list(json.dumps({"format": "float8_e4m3fn"}).encode()),
+                                                          dtype=torch.uint8)
+        else:
+            quant[k] = v
+    path = tmp_path / "fp8_mixed.safetensors"
+    save_file({"model.diffusion_model." + k: v for k, v in quant.items()}, str(path))
+    model = loading.load_transformer(path, dtype=torch.float32)
+    ref = tiny_models.dev.transformer.state_dict()
+    w, r = model.state_dict()["transformer_blocks.0.attn.to_q.weight"], ref["transformer_blocks.0.attn.to_q.weight"]
+    assert ((w - r).norm() / r.norm()) < 0.05
+    # Without its scales the same file would be off by orders of magnitude: prove the scales were applied.
+    unscaled = quant["double_blocks.0.img_attn.qkv.weight"].float().chunk(3)[0]
+    assert ((unscaled - r).norm() / r.norm()) > 10
+
+
+def test_nvfp4_is_refused(tiny_models, tmp_path):
+    sd = open_checkpoint(tiny_models.files["dev_bfl"]).load()
+    sd["double_blocks.0.img_attn.qkv.weight"] = torch.zeros(8, 8, dtype=torch.uint8)
+    sd["double_blocks.0.img_attn.qkv.weight_scale"] = torch.ones(8, 1)
+    sd["double_blocks.0.img_attn.qkv.weight_scale_2"] = torch.tensor(1.0)
+    path = tmp_path / "nvfp4.safetensors"
+    save_file(sd, str(path))
+    with pytest.raises(ModelFileError, match="nvfp4.safetensors.*nvfp4"):
+        loading.load_transformer(path)
+
+
+# ---------------------------------------------------------------- bad input
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ModelFileError, match="not found.*nope.safetensors"):
+        loading.load_transformer(tmp_path / "nope.safetensors")
+
+
+def test_truncated_file(tiny_models, tmp_path):
+    data = tiny_models.files["dev_bfl"].read_bytes()
+    path = tmp_path / "cut.safetensors"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelFileError, match="cut.safetensors.*truncated"):
+        loading.load_transformer(path)
+
+
+def test_corrupt_header(tmp_path):
+    path = tmp_path / "junk.safetensors"
+    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    with pytest.raises(ModelFileError, match="junk.safetensors.*corrupt"):
+        loading.load_transformer(path)
+
+
+def test_pickle_files_are_refused(tmp_path):
+    path = tmp_path / "model.ckpt"
+    path.write_bytes(b"\x80\x04junk")
+    with pytest.raises(ModelFileError, match="model.ckpt.*safetensors"):
+        loading.load_transformer(path)
+
+
+def test_flux1_checkpoint_is_named(tmp_path):
+    path = tmp_path / "flux1-dev.safetensors"
+    save_file({"double_blocks.0.img_mod.lin.weight": torch.zeros(4, 4), "vector_in.in_layer.weight": torch.zeros(4, 4)},
+              str(path))
+    with pytest.raises(ModelFileError, match="flux1-dev.safetensors.*FLUX.1"):
+        loading.load_transformer(path)
+
+
+def test_vae_given_as_transformer(tiny_models):
+    with pytest.raises(ModelFileError, match="flux2-vae-tiny.safetensors.*a VAE.*models/vae"):
+        loading.load_transformer(tiny_models.files["vae_ldm"])
+
+
+def test_transformer_given_as_text_encoder(tiny_models):
+    with pytest.raises(ModelFileError, match="dev_bfl.safetensors.*diffusion model.*not a text encoder"):
+        loading.load_text_encoder(tiny_models.files["dev_bfl"])
+
+
+def test_incomplete_transformer(tiny_models, tmp_path):
+    sd = open_checkpoint(tiny_models.files["dev_bfl"]).load()
+    del sd["single_blocks.1.linear2.weight"]
+    path = tmp_path / "partial.safetensors"
+    save_file(sd, str(path))
+    with pytest.raises(ModelFileError, match="partial.safetensors.*missing 1 tensors"):
+        loading.load_transformer(path)
+
+
+def test_text_encoder_without_tokenizer(tiny_models, tmp_path):
+    path = tmp_path / "lonely_qwen.safetensors"
+    path.write_bytes(tiny_models.files["qwen_comfy"].read_bytes())
+    with pytest.raises(ModelFileError, match="No tokenizer found for 'lonely_qwen.safetensors'"):
+        loading.load_text_encoder(path)
