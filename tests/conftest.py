@@ -12,11 +12,10 @@ from safetensors.torch import save_file
 
 from flux2_accel.optim import tiny
 
-from . import layout_fixtures
+import layout_fixtures
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
-TEKKEN_SPECIALS = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "<pad>"]
 
 
 @dataclass

@@ -12,7 +12,7 @@ from flux2_accel.optim import arch, loading
 from flux2_accel.optim.checkpoint import open_checkpoint
 from flux2_accel.optim.errors import ModelFileError
 
-from .layout_fixtures import tekken_tensor
+from layout_fixtures import TEKKEN_SPECIALS, tekken_tensor
 
 TRANSFORMER_LAYOUTS = ["bfl", "comfy", "diffusers_file", "folder"]
 
@@ -101,8 +101,6 @@ def test_text_encoder_config_reads_back(tiny_models):
 def test_embedded_tekken_tokenizer(tiny_models, tmp_path):
     """Comfy-Org's Mistral files carry their vocabulary as a `tekken_model` tensor; it must be used."""
     from flux2_accel.optim import tiny
-
-    from .conftest import TEKKEN_SPECIALS
 
     words = ["a", " red", " dog", "You", " are", " an", " AI"]
     tekken = tekken_tensor(words, TEKKEN_SPECIALS)
