@@ -1,0 +1,126 @@
+"""The pack inside a real ComfyUI, over its HTTP API. Runs when COMFYUI_DIR points at a ComfyUI checkout.
+
+COMFYUI_PYTHON names the interpreter that has ComfyUI's requirements (default: the one running pytest).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from flux2_accel import NODE_CLASS_MAPPINGS
+
+ROOT = Path(__file__).resolve().parents[1]
+COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
+pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to run the pack in a real ComfyUI")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url, timeout=10):
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def _post(url, payload):
+    req = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+@pytest.fixture(scope="module")
+def comfyui(tiny_models, tmp_path_factory):
+    base = tmp_path_factory.mktemp("comfy_base")
+    (base / "custom_nodes").mkdir()
+    os.symlink(ROOT, base / "custom_nodes" / "flux2-accel")
+    models = base / "models"
+    for folder, label, name in (("diffusion_models", "dev_comfy", "tiny_flux2_dev.safetensors"),
+                                ("vae", "vae_ldm", "tiny_flux2_vae.safetensors"),
+                                ("text_encoders", "mistral_comfy", "tiny_mistral.safetensors")):
+        (models / folder).mkdir(parents=True, exist_ok=True)
+        shutil.copy(tiny_models.files[label], models / folder / name)
+    shutil.copytree(tiny_models.root / "text_encoders" / "mistral_comfy_tokenizer",
+                    models / "text_encoders" / "tiny_mistral_tokenizer")
+    port = _free_port()
+    log_path = base / "comfyui.log"
+    log = open(log_path, "w")
+    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    proc = subprocess.Popen(
+        [python, "-u", "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory",
+         str(base), "--database-url", "sqlite:///:memory:", "--disable-api-nodes"],
+        cwd=COMFYUI_DIR, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                _get(url + "/system_stats", timeout=2)
+                break
+            except (urllib.error.URLError, ConnectionError, OSError):
+                if proc.poll() is not None or time.time() > deadline:
+                    pytest.fail(f"ComfyUI did not start:\n{log_path.read_text()[-3000:]}")
+                time.sleep(1)
+        yield url, base, log_path
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def test_object_info_lists_our_nodes(comfyui):
+    url, _, log_path = comfyui
+    info = _get(url + "/object_info", timeout=60)
+    missing = set(NODE_CLASS_MAPPINGS) - set(info)
+    assert not missing, f"missing {missing}; log:\n{log_path.read_text()[-3000:]}"
+    choices = info["Flux2AccelLoadDiffusionModel"]["input"]["required"]["model_name"][0]
+    assert "tiny_flux2_dev.safetensors" in choices
+    failed = [l for l in log_path.read_text().splitlines() if "IMPORT FAILED" in l and "flux2-accel" in l]
+    assert not failed, failed
+
+
+def test_example_workflows_are_served(comfyui):
+    url, _, _ = comfyui
+    assert "flux2_t2i" in _get(url + "/workflow_templates").get("flux2-accel", [])
+
+
+def test_api_workflow_produces_an_image(comfyui):
+    url, base, log_path = comfyui
+    graph = json.loads((ROOT / "workflows" / "flux2_t2i_api.json").read_text())
+    graph["1"]["inputs"]["model_name"] = "tiny_flux2_dev.safetensors"
+    graph["2"]["inputs"]["text_encoder_name"] = "tiny_mistral.safetensors"
+    graph["3"]["inputs"]["vae_name"] = "tiny_flux2_vae.safetensors"
+    graph["5"]["inputs"].update(width=64, height=48, steps=2)
+    prompt_id = _post(url + "/prompt", {"prompt": graph, "client_id": "flux2-accel-test"})["prompt_id"]
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        history = _get(url + f"/history/{prompt_id}")
+        if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
+            break
+        time.sleep(1)
+    else:
+        pytest.fail(f"prompt did not finish; log:\n{log_path.read_text()[-3000:]}")
+    entry = history[prompt_id]
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[-3000:]
+    images = entry["outputs"]["6"]["images"]
+    from PIL import Image
+
+    img = Image.open(base / "output" / images[0].get("subfolder", "") / images[0]["filename"])
+    assert img.size == (64, 48)
+    assert "flux2_stats" in entry["outputs"]["5"]
