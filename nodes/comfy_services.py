@@ -119,7 +119,7 @@ def interrupt_requested() -> bool:
     """True when the user pressed Cancel in ComfyUI."""
     if _mm is None:
         return False
-    return bool(getattr(_mm, "interrupt_processing", False))
+    return bool(_mm.processing_interrupted())
 
 
 def raise_if_interrupted() -> None:
