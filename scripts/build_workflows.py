@@ -31,6 +31,8 @@ FLUX2_T2I = {
     "6": ("SaveImage", "Save Image", {"filename_prefix": "flux2-accel"}, {"images": ("5", 0)}),
 }
 WORKFLOWS = {"flux2_t2i": FLUX2_T2I}
+# Canvas positions [x, y]: loaders in a column, then encode, sampler (tall: its statistics box grows), save.
+LAYOUT = {"1": [40, 60], "2": [40, 220], "3": [40, 380], "4": [420, 60], "5": [420, 330], "6": [800, 60]}
 
 # Widgets the frontend adds after a value: seeds get a "control after generate" entry.
 CONTROL_AFTER = {"seed": "fixed"}
@@ -72,8 +74,8 @@ def ui_format(graph: dict) -> dict:
             node_inputs.append({"name": name, "type": link[5], "link": link[0]})
         outputs = [{"name": name, "type": typ, "links": out_links.get((nid, slot), []), "slot_index": slot}
                    for slot, (name, typ) in enumerate(OUTPUT_TYPES[cls])]
-        nodes.append({"id": int(nid), "type": cls, "title": title, "pos": [60 + 380 * (order // 2), 80 + 300 * (order % 2)],
-                      "size": [340, 220 if cls == "Flux2AccelSampler" else 120], "flags": {}, "order": order,
+        nodes.append({"id": int(nid), "type": cls, "title": title, "pos": LAYOUT[nid],
+                      "size": [340, 330 if cls == "Flux2AccelSampler" else 120], "flags": {}, "order": order,
                       "mode": 0, "inputs": node_inputs, "outputs": outputs,
                       "properties": {"Node name for S&R": cls}, "widgets_values": values})
     # UI links carry target slot indices, not names

@@ -11,6 +11,7 @@ function showStats(node, lines) {
     widget.inputEl.readOnly = true;
     widget.inputEl.style.opacity = 0.7;
     widget.serialize = false; // statistics are run output, never saved into the workflow
+    (widget.options ??= {}).serialize = false; // ...nor sent in the prompt (it would change the node's cache key)
   }
   widget.value = lines.length ? lines.join("\n") : "(no statistics for this run)";
   node.setDirtyCanvas(true, true);
