@@ -11,6 +11,7 @@ from pathlib import Path
 from ..optim import layouts
 from ..optim.checkpoint import open_checkpoint
 from ..optim.handle import ModelHandle, TextEncoderHandle, VaeHandle
+from ..optim.offload import OFFLOAD_MODES
 from ..optim.precision import TEXT_ENCODER_PRECISIONS, TRANSFORMER_PRECISIONS
 from . import comfy_services
 
@@ -47,7 +48,14 @@ class Flux2AccelLoadDiffusionModel:
                            "diffusers single files, fp8 files included) or a diffusers folder from models/diffusers."}),
             "precision": (list(TRANSFORMER_PRECISIONS), {
                 "default": "bf16",
-                "tooltip": "Weight precision. bf16 is exact; lower precisions trade a little fidelity for memory."}),
+                "tooltip": "Weight precision. bf16: exact. fp8_e4m3fn: fp8 storage, bf16 compute (about half the "
+                           "memory). fp8_e4m3fn_fast: fp8 matmuls on GPUs with compute capability 8.9+, else falls "
+                           "back to fp8_e4m3fn. nf4: bitsandbytes 4-bit (about 0.28x of bf16)."}),
+            "offload": (list(OFFLOAD_MODES), {
+                "default": "none",
+                "tooltip": "Keep weights in CPU memory between uses. model_cpu: whole models move to the GPU when "
+                           "they run. sequential: layer by layer (least VRAM, slowest). group: transformer blocks "
+                           "prefetched on a CUDA stream. No effect on CPU-only machines."}),
         }}
 
     RETURN_TYPES = ("FLUX2_MODEL",)
@@ -56,10 +64,10 @@ class Flux2AccelLoadDiffusionModel:
     CATEGORY = "flux2-accel/loaders"
     DESCRIPTION = "Describes a FLUX.2 transformer to load. Weights load lazily at the first sampling and are reused."
 
-    def load(self, model_name, precision):
+    def load(self, model_name, precision, offload="none"):
         path = resolve_choice("diffusion_models", model_name)
         check_file(path, layouts.TRANSFORMER)
-        return (ModelHandle(source=path, precision=precision),)
+        return (ModelHandle(source=path, precision=precision, offload=offload),)
 
 
 class Flux2AccelLoadTextEncoder:
@@ -70,7 +78,9 @@ class Flux2AccelLoadTextEncoder:
                 "tooltip": "Mistral Small 3.1 (FLUX.2 [dev]) or Qwen3 (FLUX.2 [klein]) from models/text_encoders, "
                            "e.g. mistral_3_small_flux2_bf16.safetensors, or a diffusers folder."}),
             "precision": (list(TEXT_ENCODER_PRECISIONS), {
-                "default": "bf16", "tooltip": "Weight precision of the text encoder."}),
+                "default": "bf16", "tooltip": "Weight precision of the text encoder: bf16, fp8 storage "
+                                             "(fp8_e4m3fn, _fast), or bitsandbytes nf4. Embeddings and norms "
+                                             "stay bf16."}),
         }}
 
     RETURN_TYPES = ("FLUX2_TEXT_ENCODER",)

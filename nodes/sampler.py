@@ -7,6 +7,7 @@ import logging
 from ..optim import latents
 from ..optim.errors import Interrupted
 from ..optim.handle import STORE, RunReport
+from ..optim.offload import offloaded
 from ..optim.sampling import MAX_RESOLUTION, MAX_SEED, SamplingParams, sample
 from . import comfy_services
 
@@ -66,9 +67,11 @@ class Flux2AccelSampler:
         params = SamplingParams(width, height, steps, guidance, seed, batch_size)
         progress = comfy_services.Progress(steps)
         report = RunReport(params=params)
-        vae_module = STORE.vae(vae).to(comfy_services.torch_device())
-        with STORE.prepared(model, report) as transformer:
-            transformer.to(comfy_services.torch_device())
+        vae_module = STORE.vae(vae)
+        with STORE.prepared(model, report) as transformer, offloaded(
+                model.offload, transformer=transformer, vae=vae_module, device=comfy_services.torch_device()) as dev:
+            if model.offload == "none":
+                transformer.to(dev), vae_module.to(dev)
             try:
                 latent = sample(transformer, vae_module, conditioning, params, reference_images=reference_images,
                                 negative=negative, on_step=lambda i, n, get: progress.update(i, get),
@@ -76,7 +79,7 @@ class Flux2AccelSampler:
             except Interrupted:
                 comfy_services.raise_if_interrupted()
                 raise
-        image = latents.decode(vae_module, latent)
+            image = latents.decode(vae_module, latent, device=dev)
         lines = format_stats(report.stats)
         for line in lines:
             log.info("flux2-accel %s", line)

@@ -25,14 +25,14 @@ def spatial_factor(vae) -> int:
 
 
 @torch.no_grad()
-def decode(vae, latent: torch.Tensor) -> torch.Tensor:
-    """LATENT [B,4C,h,w] -> IMAGE [B,H,W,3] float32 in 0..1."""
+def decode(vae, latent: torch.Tensor, device=None) -> torch.Tensor:
+    """LATENT [B,4C,h,w] -> IMAGE [B,H,W,3] float32 in 0..1. `device`: where to run (offloaded VAEs sit elsewhere)."""
     from diffusers import Flux2Pipeline
 
     expected = vae.bn.running_mean.numel()
     if latent.ndim != 4 or latent.shape[1] != expected:
         raise InputError(f"latent has shape {tuple(latent.shape)}; this VAE decodes [B,{expected},H,W] FLUX.2 latents.")
-    device = next(vae.parameters()).device
+    device = device or next(vae.parameters()).device
     latent = latent.to(device)
     mean, std = _bn_stats(vae, latent)
     z = Flux2Pipeline._unpatchify_latents(latent * std + mean)

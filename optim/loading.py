@@ -36,6 +36,7 @@ def _build_from_state_dict(cls_or_factory, config, state_dict: dict, dtype, name
 
     with init_empty_weights():
         model = cls_or_factory(config)
+    state_dict = prequant.adopt_quantized(model, state_dict, name, dtype)  # fp8 weights keep their scales
     expected = set(model.state_dict().keys())
     got = set(state_dict)
     missing, unexpected = sorted(expected - got), sorted(got - expected)
@@ -45,7 +46,8 @@ def _build_from_state_dict(cls_or_factory, config, state_dict: dict, dtype, name
     if unexpected:
         raise ModelFileError(f"'{name}' has {len(unexpected)} tensors this model does not use "
                              f"(e.g. {', '.join(unexpected[:3])}).")
-    cast = {k: (v.to(dtype) if v.is_floating_point() and dtype is not None else v) for k, v in state_dict.items()}
+    cast = {k: (v.to(dtype) if v.is_floating_point() and dtype is not None and not prequant.keeps_stored_dtype(k, v)
+                else v) for k, v in state_dict.items()}
     model.load_state_dict(cast, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 
@@ -66,9 +68,12 @@ def load_transformer(path, dtype=torch.bfloat16):
     path = Path(path)
     if path.is_dir():
         folder = _diffusers_folder(path, layouts.TRANSFORMER)
+        if prequant.is_bnb_4bit_folder(folder):  # diffusers' own bnb loader refuses to run without a GPU
+            return prequant.load_bnb_4bit_transformer(folder, dtype)
+        prequant.check_plain_folder(folder)
         return Flux2Transformer2DModel.from_pretrained(folder, torch_dtype=dtype, local_files_only=True).eval()
     ckpt, layout = _open_file(path, layouts.TRANSFORMER)
-    sd = prequant.dequantize_for_load(ckpt.load(), ckpt.name)
+    sd = prequant.normalize_quantized(ckpt.load(), ckpt.name)
     sd = layouts.transformer_to_diffusers(sd, layout)
     config = arch.transformer_config({k: tuple(v.shape) for k, v in sd.items()}, ckpt.name)
     return _build_from_state_dict(lambda c: Flux2Transformer2DModel(**c), config, sd, dtype, ckpt.name)
@@ -120,7 +125,7 @@ def load_text_encoder(path, dtype=torch.bfloat16, tokenizer_path=None):
         return _load_text_encoder_folder(path, dtype)
     ckpt, layout = _open_file(path, layouts.TEXT_ENCODER)
     wanted = [k for k in ckpt.keys() if k.startswith(layout.prefix)]
-    sd = layouts.text_encoder_to_hf(prequant.dequantize_for_load(ckpt.load(wanted), ckpt.name), layout)
+    sd = layouts.text_encoder_to_hf(prequant.normalize_quantized(ckpt.load(wanted), ckpt.name), layout)
     config_kwargs, out_layers = arch.text_encoder_config({k: tuple(v.shape) for k, v in sd.items()}, layout.family,
                                                         ckpt.name)
     config_cls, model_cls = _text_model_class(layout.family)

@@ -92,7 +92,7 @@ def sample(transformer, vae, conditioning: Flux2Conditioning, params: SamplingPa
     if negative is not None:
         check_conditioning(transformer, negative, "negative conditioning")
     pipe = build_pipeline(transformer, vae, family, distilled=not use_cfg)
-    device = next(transformer.parameters()).device
+    device = pipe._execution_device  # follows offload hooks, where the weights themselves may sit on the CPU
     h, w = params.height // factor, params.width // factor
 
     final = {}

@@ -19,9 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # node id -> (class_type, title, widget values in INPUT_TYPES order, {input name: (source id, output slot)})
 FLUX2_T2I = {
     "1": ("Flux2AccelLoadDiffusionModel", "Load Diffusion Model (FLUX.2)",
-          {"model_name": "flux2_dev_fp8mixed.safetensors", "precision": "bf16"}, {}),
+          {"model_name": "flux2_dev_fp8mixed.safetensors", "precision": "fp8_e4m3fn", "offload": "model_cpu"}, {}),
     "2": ("Flux2AccelLoadTextEncoder", "Load Text Encoder (FLUX.2)",
-          {"text_encoder_name": "mistral_3_small_flux2_bf16.safetensors", "precision": "bf16"}, {}),
+          {"text_encoder_name": "mistral_3_small_flux2_fp8.safetensors", "precision": "fp8_e4m3fn"}, {}),
     "3": ("Flux2AccelLoadVAE", "Load VAE (FLUX.2)", {"vae_name": "flux2-vae.safetensors", "dtype": "bf16"}, {}),
     "4": ("Flux2AccelTextEncode", "Text Encode (FLUX.2)",
           {"prompt": "A red fox sitting in fresh snow at golden hour, photo"}, {"text_encoder": ("2", 0)}),

@@ -139,17 +139,6 @@ def test_fp8_scaled_file_is_upcast_with_its_scales(tiny_models, tmp_path):
     assert ((unscaled - r).norm() / r.norm()) > 10
 
 
-def test_nvfp4_is_refused(tiny_models, tmp_path):
-    sd = open_checkpoint(tiny_models.files["dev_bfl"]).load()
-    sd["double_blocks.0.img_attn.qkv.weight"] = torch.zeros(8, 8, dtype=torch.uint8)
-    sd["double_blocks.0.img_attn.qkv.weight_scale"] = torch.ones(8, 1)
-    sd["double_blocks.0.img_attn.qkv.weight_scale_2"] = torch.tensor(1.0)
-    path = tmp_path / "nvfp4.safetensors"
-    save_file(sd, str(path))
-    with pytest.raises(ModelFileError, match="nvfp4.safetensors.*nvfp4"):
-        loading.load_transformer(path)
-
-
 # ---------------------------------------------------------------- bad input
 
 def test_missing_file(tmp_path):
