@@ -14,6 +14,7 @@ from .errors import Flux2AccelError
 COMMANDS = {
     "generate": ("generate", "text-to-image (or edit) with given model files, or --demo with tiny random weights"),
     "serve-text-encoder": ("remote.server", "serve a local text encoder over HTTP for Remote Text Encode nodes"),
+    "calibrate-teacache": ("caching.calibrate", "fit TeaCache coefficients for a FLUX.2 model from real runs"),
 }
 
 

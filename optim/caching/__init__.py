@@ -1,0 +1,130 @@
+"""Step caching for FLUX.2: skip the transformer's blocks on steps whose result barely changes.
+
+Methods (`CacheSettings.method`):
+- "fbcache": First Block Cache, on para-attn's first-block-cache machinery with a FLUX.2 adapter (fbcache.py).
+- "teacache": TeaCache, the rescaled relative L1 change of the first block's modulated input (teacache.py).
+- "magcache", "taylorseer": diffusers' own hooks, which do run on Flux2Transformer2DModel (diffusers_methods.py).
+
+A handle asks for caching with `ModelHandle.cache = CacheSettings(...)`; `FEATURE.activate` installs the cache on
+the shared transformer for exactly one run, with fresh state, and removes it when the run ends, however it ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from dataclasses import dataclass
+
+from ..errors import InputError
+from ..handle import Feature
+
+log = logging.getLogger("flux2_accel")
+
+OWN_METHODS = ("fbcache", "teacache")
+DIFFUSERS_METHODS = ("magcache", "taylorseer")
+METHODS = OWN_METHODS + DIFFUSERS_METHODS
+# Starting points per method. fbcache: 0.12 gave ~2x on FLUX.1. teacache: with the [dev] polynomial every step adds
+# at least ~0.05, so 0.1 skips about every other step in the smooth middle of a run. magcache: diffusers' default.
+DEFAULT_THRESHOLDS = {"fbcache": 0.12, "teacache": 0.1, "magcache": 0.06, "taylorseer": 1.0}
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """How to cache steps. Frozen and hashable: it lives inside a ModelHandle.
+
+    threshold: 0 turns caching off. For fbcache, the relative change of the first block's residual below which a
+    step reuses the previous one (0.08-0.12 on FLUX.1); for teacache, the accumulated rescaled change; for magcache,
+    the accumulated magnitude error; taylorseer ignores its value beyond on/off.
+    start_percent / end_percent: fractions (0..1) of the run's steps between which steps may be skipped.
+    max_consecutive_cached: at most this many skipped steps in a row (0 = no limit).
+    warmup_steps: the first steps are always computed.
+    coefficients: TeaCache rescaling polynomial (highest power first); empty = the model family's default.
+    """
+
+    method: str = "fbcache"
+    threshold: float = 0.12
+    start_percent: float = 0.0
+    end_percent: float = 1.0
+    max_consecutive_cached: int = 3
+    warmup_steps: int = 1
+    coefficients: tuple[float, ...] = ()
+
+    @property
+    def enabled(self) -> bool:
+        return self.threshold > 0
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise InputError(f"cache method is '{self.method}': choose one of {', '.join(METHODS)}.")
+        if not math.isfinite(self.threshold) or self.threshold < 0:
+            raise InputError(f"cache threshold is {self.threshold}: it must be 0 (off) or positive.")
+        for name in ("start_percent", "end_percent"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise InputError(f"cache {name} is {value}: it is a fraction of the steps, between 0 and 1.")
+        if self.start_percent >= self.end_percent:
+            raise InputError(f"cache start_percent ({self.start_percent}) must be below end_percent "
+                             f"({self.end_percent}), or no step could ever be skipped.")
+        if self.max_consecutive_cached < 0:
+            raise InputError(f"max_consecutive_cached is {self.max_consecutive_cached}: use 0 (no limit) or more.")
+        if self.warmup_steps < 0:
+            raise InputError(f"warmup_steps is {self.warmup_steps}: it cannot be negative.")
+        if self.coefficients and not all(math.isfinite(c) for c in self.coefficients):
+            raise InputError("TeaCache coefficients must be finite numbers (highest power first).")
+
+
+def parse_coefficients(text: str) -> tuple[float, ...]:
+    """'1.2, -3e-2, 0.05' -> (1.2, -0.03, 0.05); empty text -> () (the family default)."""
+    text = (text or "").strip().strip("[]")
+    if not text:
+        return ()
+    try:
+        return tuple(float(part) for part in text.replace(";", ",").split(",") if part.strip())
+    except ValueError:
+        raise InputError(f"TeaCache coefficients '{text}' are not a comma-separated list of numbers, e.g. the "
+                         "output of `flux2-accel calibrate-teacache`.") from None
+
+
+@contextlib.contextmanager
+def activate(store, transformer, handle, report):
+    settings = handle.cache
+    if settings is None or not settings.enabled:
+        yield
+        return
+    settings.validate()
+    from diffusers import Flux2Transformer2DModel
+
+    # By class, not by name prefix: para-attn's own adapter picking goes wrong exactly there.
+    if not isinstance(transformer, Flux2Transformer2DModel):
+        raise InputError(f"step caching supports FLUX.2 transformers (Flux2Transformer2DModel); got "
+                         f"{type(transformer).__name__}.")
+    from ..sampling import family_of
+    from .runtime import CacheRun
+
+    params = getattr(report, "params", None)
+    run = CacheRun(settings, total_steps=getattr(params, "steps", None),
+                   family=handle.family or family_of(transformer))
+    if settings.method == "teacache" and not settings.coefficients:
+        from .teacache import CALIBRATED
+
+        if not CALIBRATED.get(run.family, False):
+            log.warning("flux2-accel TeaCache: no published coefficients for FLUX.2 [%s]; using the [dev] polynomial "
+                        "as a placeholder. Run `flux2-accel calibrate-teacache` and paste its coefficients into the "
+                        "cache node for reliable skipping.", run.family)
+    if settings.method in OWN_METHODS:
+        from .fbcache import installed
+    else:
+        from .diffusers_methods import installed
+    try:
+        with installed(transformer, run):
+            yield
+    finally:
+        stats = run.stats()
+        report.stats["cache"] = stats
+        log.info("flux2-accel step cache: %s computed %d, skipped %d of %d transformer calls, about %.2f s saved",
+                 stats["method"], stats["computed_steps"], stats["skipped_steps"], stats["total_steps"],
+                 stats["estimated_time_saved_s"])
+
+
+FEATURE = Feature("caching", activate)

@@ -1,0 +1,108 @@
+"""`flux2-accel calibrate-teacache`: fit TeaCache's rescaling polynomial for a FLUX.2 model (or model + LoRA).
+
+During ordinary runs, every transformer call records two numbers against the previous call of the same CFG branch:
+x = relative L1 change of the first block's modulated input (what TeaCache sees), and y = relative L1 change of the
+model output (what skipping costs). numpy.polyfit(x, y, degree) then gives the coefficients, highest power first,
+that the cache node takes in its teacache_coefficients widget.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import InputError
+from . import CacheSettings
+from .runtime import Branch, CacheRun, forward_patched
+from .teacache import modulated_input, relative_l1
+
+
+def fit_coefficients(x, y, degree: int = 4) -> tuple[float, ...]:
+    """Least-squares polynomial y ~ P(x), highest power first (numpy.poly1d order)."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if x.shape != y.shape or x.ndim != 1:
+        raise InputError(f"calibration needs paired 1-D samples; got shapes {x.shape} and {y.shape}.")
+    if len(x) <= degree:
+        raise InputError(f"{len(x)} samples cannot fit a degree-{degree} polynomial: run more steps, prompts or "
+                         "seeds.")
+    return tuple(float(c) for c in np.polyfit(x, y, degree))
+
+
+@contextlib.contextmanager
+def recording(transformer, samples: list):
+    """Append (input change, output change) for every transformer call after a branch's first."""
+    run = CacheRun(CacheSettings(method="teacache", threshold=0.0), total_steps=None, family="")
+    captured: dict = {}
+
+    def capture(block, args, kwargs):
+        if "x" not in captured:
+            captured["x"] = modulated_input(block, kwargs["hidden_states"], kwargs["temb_mod_img"]).float()
+
+    def call(original_forward, branch: Branch, args, kwargs):
+        captured.clear()
+        output = original_forward(*args, **kwargs)
+        y = (output[0] if isinstance(output, tuple) else output.sample).float()
+        x = captured.pop("x")
+        previous = branch.extra.get("previous")
+        if previous is not None and previous[0].shape == x.shape:
+            samples.append((relative_l1(x, previous[0]), relative_l1(y, previous[1])))
+        branch.extra["previous"] = (x, y)
+        return output, False
+
+    hook = transformer.transformer_blocks[0].register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        with forward_patched(transformer, run, call):
+            yield
+    finally:
+        hook.remove()
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--demo", action="store_true", help="tiny random weights: checks the command, fits nothing useful")
+    p.add_argument("--transformer", help="diffusion model: .safetensors file or diffusers folder (LoRA fused in)")
+    p.add_argument("--text-encoder", help="text encoder: .safetensors file or diffusers folder")
+    p.add_argument("--vae", help="VAE: .safetensors file or diffusers folder")
+    p.add_argument("--tokenizer", help="tokenizer folder, for single-file text encoders without one embedded")
+    p.add_argument("--prompt", action="append", default=[], help="prompt to run (repeatable; several recommended)")
+    p.add_argument("--seeds", type=int, default=2, help="seeds per prompt (0, 1, ...)")
+    p.add_argument("--width", type=int, default=None, help="default 1024 (64 with --demo)")
+    p.add_argument("--height", type=int, default=None, help="default 1024 (64 with --demo)")
+    p.add_argument("--steps", type=int, default=None, help="default 28 (8 with --demo); calibrate at the steps you use")
+    p.add_argument("--guidance", type=float, default=4.0)
+    p.add_argument("--degree", type=int, default=4, help="polynomial degree (TeaCache uses 4)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--output", "-o", default="teacache_coefficients.json", help="JSON file for the result")
+
+
+DEFAULT_PROMPTS = ("a red dog in a green house", "portrait of an old man, photo", "a city street at night")
+
+
+def run(args) -> int:
+    from ..generate import _components
+    from ..sampling import SamplingParams, family_of, sample
+
+    transformer, vae, text_encoder = _components(args)
+    transformer.to(args.device), vae.to(args.device), text_encoder.model.to(args.device)
+    size = 64 if args.demo else 1024
+    steps = args.steps or (8 if args.demo else 28)
+    samples: list = []
+    prompts = args.prompt or list(DEFAULT_PROMPTS)
+    for prompt in prompts:
+        conditioning = text_encoder.encode(prompt)
+        for seed in range(args.seeds):
+            params = SamplingParams(width=args.width or size, height=args.height or size, steps=steps,
+                                    guidance=args.guidance, seed=seed)
+            with recording(transformer, samples):  # one recording per run: runs are not consecutive steps
+                sample(transformer, vae, conditioning, params)
+            print(f"recorded {prompt!r} seed {seed}: {len(samples)} samples")
+    x, y = zip(*samples) if samples else ((), ())
+    coefficients = fit_coefficients(x, y, args.degree)
+    result = {"family": family_of(transformer), "degree": args.degree, "steps": steps, "samples": len(samples),
+              "coefficients": list(coefficients), "x": list(x), "y": list(y)}
+    Path(args.output).write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.output}\nteacache_coefficients: {', '.join(f'{c:.8e}' for c in coefficients)}")
+    return 0
