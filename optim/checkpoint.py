@@ -110,3 +110,82 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
         raise ModelFileError(f"'{path.name}' contains no tensors.")
     return Checkpoint(path, tensors, dict(metadata))
 
+
+
+# ---------------------------------------------------------------- releasing mapped pages
+
+_MADV_DONTNEED = 4
+_CHECKPOINT_SUFFIXES = (".safetensors", ".sft")
+
+
+class MappedCheckpoints:
+    """The checkpoint files this process has memory-mapped, so weights read from them can give their pages back.
+
+    A tensor read from a safetensors memory map pulls the file's pages into this process's resident set as it is
+    read. When a load converts weights (bf16 to fp8 or nf4, fp32 to bf16, dequantizing), the converted copy is new
+    memory and the original's pages would stay resident until the map closes: peak RSS would be the file plus the
+    converted model. `release(tensor)` drops the pages that lie wholly inside the bytes of a tensor the caller has
+    just converted and is discarding (madvise MADV_DONTNEED). Weights read from a checkpoint are never written in
+    place, so these are clean file pages: were they read again, the kernel would fault them back in from the file.
+    Only Linux does this; elsewhere it is a no-op. Take a snapshot after the checkpoint is opened, before converting.
+    """
+
+    def __init__(self, ranges: list[tuple[int, int]]):
+        self.ranges = ranges
+        self.released_bytes = 0
+
+    @classmethod
+    def snapshot(cls) -> "MappedCheckpoints":
+        ranges = []
+        try:
+            with open("/proc/self/maps") as maps:
+                for line in maps:
+                    parts = line.split(maxsplit=5)
+                    if len(parts) == 6 and parts[5].strip().removesuffix(" (deleted)").endswith(_CHECKPOINT_SUFFIXES):
+                        start, end = (int(x, 16) for x in parts[0].split("-"))
+                        ranges.append((start, end))
+        except OSError:
+            pass
+        return cls(ranges)
+
+    def release(self, tensor: torch.Tensor | None) -> int:
+        """Give back the whole pages of `tensor`'s bytes if they lie in a mapped checkpoint; bytes released."""
+        if tensor is None or not self.ranges or tensor.device.type != "cpu":
+            return 0
+        start = tensor.data_ptr()
+        end = start + tensor.numel() * tensor.element_size()
+        if not any(lo <= start and end <= hi for lo, hi in self.ranges):
+            return 0
+        page = _page_size()
+        first, last = -(-start // page) * page, end // page * page
+        if last <= first or not _madvise(first, last - first, _MADV_DONTNEED):
+            return 0
+        self.released_bytes += last - first
+        return last - first
+
+
+def return_free_heap() -> None:
+    """Hand the C heap's free pages back to the OS (glibc's malloc_trim; elsewhere a no-op). A conversion's
+    temporaries are freed between the converted tensors it keeps, and the allocator would hold on to that memory:
+    without this, resident memory grows by about the converted model's size again."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _page_size() -> int:
+    return os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _madvise(address: int, length: int, advice: int) -> bool:
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        return libc.madvise(address, length, advice) == 0
+    except (OSError, AttributeError):
+        return False

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from . import arch, layouts, prequant
-from .checkpoint import Checkpoint, open_checkpoint
+from .checkpoint import Checkpoint, MappedCheckpoints, open_checkpoint
 from .errors import ModelFileError
 
 PIPELINE_SUBFOLDERS = {layouts.TRANSFORMER: "transformer", layouts.VAE: "vae", layouts.TEXT_ENCODER: "text_encoder"}
@@ -46,8 +46,15 @@ def _build_from_state_dict(cls_or_factory, config, state_dict: dict, dtype, name
     if unexpected:
         raise ModelFileError(f"'{name}' has {len(unexpected)} tensors this model does not use "
                              f"(e.g. {', '.join(unexpected[:3])}).")
-    cast = {k: (v.to(dtype) if v.is_floating_point() and dtype is not None and not prequant.keeps_stored_dtype(k, v)
-                else v) for k, v in state_dict.items()}
+    mapped = MappedCheckpoints.snapshot()
+    cast = {}
+    for k, v in state_dict.items():
+        if v.is_floating_point() and dtype is not None and not prequant.keeps_stored_dtype(k, v):
+            cast[k] = v.to(dtype)
+            if cast[k] is not v:  # a converted copy: the file's pages for v are no longer needed
+                mapped.release(v)
+        else:
+            cast[k] = v
     model.load_state_dict(cast, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 

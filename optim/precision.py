@@ -12,10 +12,10 @@ Choices backed by measurement (tests/test_precision.py, README "Precision"):
 - fp8 keeps one float32 scale per output row (`e4m3fn` saturates at 448 and has only 3 mantissa bits, so small
   weights would fall into subnormals without a scale; diffusers' layerwise casting stores unscaled fp8);
 - nf4 uses double quantization (the per-block absmax is itself quantized): 0.047 fewer bytes per weight ([dev]:
-  19.3 -> 17.8 GB), output error unchanged (rel L2 0.0076 either way on SMALL).
+  19.3 -> 17.8 GB), output error unchanged (rel L2 0.0076 either way on a 2+4-block test model).
   `apply_precision(..., double_quant=False)` turns it off;
 - the shared modulation layers stay bf16: 1.8% of [dev]'s weights, read by every block; quantizing them raised the
-  output deviation on SMALL by 4% (fp8) and 9% (nf4). Quantizing the embedders and final layers too multiplied
+  output deviation on that model by 4% (fp8) and 9% (nf4). Quantizing the embedders and final layers too multiplied
   it by 8 (fp8) and 17 (nf4).
 """
 
@@ -27,6 +27,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .checkpoint import MappedCheckpoints, return_free_heap
 from .errors import InputError
 
 log = logging.getLogger("flux2_accel")
@@ -48,7 +49,7 @@ FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
 NF4_BLOCKSIZE = 64
 # Rows quantized at once: bounds the float32 scratch for [dev]'s largest layer (6144 x 55296) to ~64 MB.
-_QUANT_CHUNK_ELEMENTS = 1 << 24
+_QUANT_CHUNK_ELEMENTS = 1 << 22
 
 
 # ---------------------------------------------------------------- fp8 layer
@@ -230,6 +231,9 @@ def _apply(model: torch.nn.Module, precision: str, keep: tuple[str, ...], double
         if not fast:
             log.warning("flux2-accel: fp8_e4m3fn_fast needs a CUDA GPU of compute capability 8.9+ (none here); "
                         "using fp8_e4m3fn (fp8 storage, bf16 matmuls) instead.")
+    # Converting layer by layer, each original's file pages are given back as soon as its copy exists, so a load
+    # that converts peaks near the converted model's size instead of the file's plus the converted model's.
+    mapped = MappedCheckpoints.snapshot()
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
             if not _quantizable(child):
@@ -238,6 +242,9 @@ def _apply(model: torch.nn.Module, precision: str, keep: tuple[str, ...], double
             new = _convert(child, "bf16" if is_kept(full, keep) else target, fast, double_quant)
             if new is not child:
                 setattr(parent, child_name, new)
+                if new.weight is not child.weight:
+                    mapped.release(child.weight)
+                return_free_heap()
     # Everything that is not a quantized weight (norms, embeddings, biases) computes in bf16.
     for module in model.modules():
         if _quantizable(module) and not type(module) is torch.nn.Linear:
@@ -245,6 +252,7 @@ def _apply(model: torch.nn.Module, precision: str, keep: tuple[str, ...], double
         for name, p in module.named_parameters(recurse=False):
             if p.is_floating_point() and p.dtype not in (COMPUTE_DTYPE, FP8_DTYPE):
                 setattr(module, name, torch.nn.Parameter(p.detach().to(COMPUTE_DTYPE), requires_grad=False))
+                mapped.release(p)
     model.flux2_precision = precision
     return model
 
