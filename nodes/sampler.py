@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from ..optim import latents
+from ..optim.compile import vae_decoder_compiled
 from ..optim.errors import Interrupted
 from ..optim.handle import STORE, RunReport
 from ..optim.offload import offloaded
@@ -79,7 +80,8 @@ class Flux2AccelSampler:
             except Interrupted:
                 comfy_services.raise_if_interrupted()
                 raise
-            image = latents.decode(vae_module, latent, device=dev)
+            with vae_decoder_compiled(vae_module, model.compile, report):
+                image = latents.decode(vae_module, latent, device=dev)
         lines = format_stats(report.stats)
         for line in lines:
             log.info("flux2-accel %s", line)

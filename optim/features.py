@@ -10,7 +10,7 @@ import importlib
 
 from .handle import register_feature
 
-FEATURE_MODULES: tuple[str, ...] = ("lora", "caching")
+FEATURE_MODULES: tuple[str, ...] = ("lora", "compile", "caching")
 
 
 def register_all() -> None:

@@ -142,3 +142,19 @@ def test_models_are_released_when_comfyui_frees_memory(models_dir, monkeypatch):
     comfy_services.on_free_memory(lambda: calls.append("second hook"))  # hooks chain onto one wrapper
     fake_mm.unload_all_models()
     assert calls == ["comfy", "comfy", "second hook"]
+
+
+def test_compile_node_in_the_graph_matches_eager_and_compiles_the_vae_decoder(models_dir):
+    from flux2_accel.optim.compile import CompileSettings
+
+    model, vae, cond, eager = _generate()
+    (compiled_model,) = node("Flux2AccelCompile").apply(model, "regional", "default", "auto", False, "eager", True)
+    assert compiled_model.compile == dataclasses.replace(CompileSettings(backend="eager", compile_vae_decoder=True),
+                                                         cache_dir=compiled_model.compile.cache_dir)
+    out = node("Flux2AccelSampler").generate(compiled_model, vae, cond, 64, 48, 2, 4.0, 0, 1)
+    for got, expected in zip(out["result"][0:1] + (out["result"][1]["samples"],),
+                             eager["result"][0:1] + (eager["result"][1]["samples"],)):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    stats = "\n".join(out["ui"]["flux2_stats"])
+    assert "compile: compiled=True" in stats and "compile_vae: compiled=True" in stats
+    assert "compile" not in "\n".join(eager["ui"]["flux2_stats"])
