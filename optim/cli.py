@@ -15,6 +15,7 @@ COMMANDS = {
     "generate": ("generate", "text-to-image (or edit) with given model files, or --demo with tiny random weights"),
     "serve-text-encoder": ("remote.server", "serve a local text encoder over HTTP for Remote Text Encode nodes"),
     "calibrate-teacache": ("caching.calibrate", "fit TeaCache coefficients for a FLUX.2 model from real runs"),
+    "bench": ("bench", "benchmark the pack's rows against bare diffusers on random weights (time, memory, fidelity)"),
 }
 
 

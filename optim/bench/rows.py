@@ -1,0 +1,495 @@
+"""The benchmark's rows: what each one runs, and how it is measured.
+
+`baseline` is bare diffusers (Flux2Pipeline / Flux2KleinPipeline built here from diffusers alone, a scheduler from
+FLUX.2's shipped config, embeddings in, latents out): no pack code on its path. Every other row goes through the
+pack's own path, exactly as the sampler node does: a `ModelHandle` asking for the feature, `ModelStore.prepared`
+switching the registered features on for the run, and `optim.sampling.sample`. Each row imports its feature lazily;
+a feature that is not there (or lacks the API a row needs) makes the row `unavailable` with the reason.
+
+Each row gets a fresh `ModelStore` holding its own transformer built from the same seed (`BenchModel.transformer`),
+injected under the handle's base key with the precision applied as `ModelStore.transformer` applies it, so no row
+sees another's precision, adapters, compiled code or cache state.
+"""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .measure import PeakMemory, Stopwatch, latent_deviation, median, psnr, weight_bytes
+from .models import SCHEDULER_CONFIG, BenchModel
+
+OK, UNAVAILABLE, ERROR = "ok", "unavailable", "error"
+
+
+class Unavailable(Exception):
+    """The feature a row measures has not landed (or lacks the API the row needs)."""
+
+
+# ---------------------------------------------------------------- results
+
+@dataclass
+class RowResult:
+    """One row of the table and of the JSON file (docs/benchmark.md describes every field)."""
+
+    name: str
+    status: str
+    config: str
+    device: str
+    steps: int
+    description: str = ""
+    reason: str | None = None  # why a row is unavailable or failed
+    note: str | None = None  # how to read a row that ran
+    sec_per_step: float | None = None
+    sec_per_image: float | None = None
+    speedup_vs_baseline: float | None = None
+    peak_mem_bytes: int | None = None
+    weight_bytes: int | None = None
+    computed_steps: int | None = None
+    skipped_steps: int | None = None
+    compile_s_cold: float | None = None
+    compile_s_warm: float | None = None
+    recompiles: int | None = None
+    max_abs_diff: float | None = None
+    rel_l2: float | None = None
+    psnr: float | None = None
+    run_seconds: list[float] = field(default_factory=list)  # every timed repeat, in order
+    stats: dict = field(default_factory=dict)  # what the pack's features reported (RunReport.stats)
+
+    def to_json(self) -> dict:
+        out = dict(self.__dict__)
+        if out["psnr"] is not None and out["psnr"] == float("inf"):
+            out["psnr"] = "inf"  # identical images; JSON has no infinity
+        return out
+
+
+@dataclass
+class Measured:
+    """What a row's run hands back; the bench turns it into a RowResult."""
+
+    run_seconds: list[float]
+    latent: torch.Tensor
+    weight_bytes: int | None = None
+    peak_mem_bytes: int | None = None
+    computed_steps: int | None = None
+    skipped_steps: int | None = None
+    compile_s_cold: float | None = None
+    compile_s_warm: float | None = None
+    recompiles: int | None = None
+    stats: dict = field(default_factory=dict)
+    note: str | None = None
+
+
+@dataclass
+class BenchContext:
+    model: BenchModel
+    params: Any  # optim.sampling.SamplingParams
+    prompt_embeds: torch.Tensor
+    vae: torch.nn.Module
+    warmup: int
+    workdir: Path
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def conditioning(self):
+        from ..text_encoding import Flux2Conditioning
+
+        return Flux2Conditioning(prompt_embeds=self.prompt_embeds, family="mistral" if self.model.family == "dev"
+                                 else "qwen3", encoder_identity=f"bench-random-{self.model.seed}")
+
+
+# ---------------------------------------------------------------- one row's run, in stages
+
+class RowRun:
+    """A row in three stages, so the bench can run rows one after another or interleave their timed runs (on a
+    shared machine, load that drifts over minutes then hits every row alike).
+
+    `__init__` builds what the row needs (raising `Unavailable` if its feature is missing), `warm()` runs the
+    untimed runs, each `timed()` call one timed run, and `result()` collects the measurement.
+    """
+
+    module: torch.nn.Module
+
+    def __init__(self, ctx: BenchContext):
+        self.ctx = ctx
+        self.times: list[float] = []
+        self.transient: int | None = None
+        self.latent: torch.Tensor | None = None
+        self.stats: dict = {}
+        self.counter: BlockCounter | None = None
+        self.note: str | None = None
+
+    def run_once(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def warm(self) -> None:
+        for _ in range(self.ctx.warmup):
+            self.run_once()
+
+    def timed(self) -> None:
+        if self.counter is not None:
+            self.counter.count = 0
+        with PeakMemory(self.ctx.device) as peak, Stopwatch(self.ctx.device) as watch:
+            self.latent = self.run_once()
+        self.times.append(watch.seconds)
+        if peak.bytes is not None:
+            self.transient = max(self.transient or 0, peak.bytes)
+
+    def result(self) -> Measured:
+        weights = weight_bytes(self.module)
+        m = Measured(self.times, self.latent, weights, None if self.transient is None else weights + self.transient,
+                     stats=_plain(self.stats), note=self.note)
+        steps = self.ctx.params.steps
+        cache = self.stats.get("cache")
+        if cache:
+            m.computed_steps, m.skipped_steps = cache["computed_steps"], cache["skipped_steps"]
+            if self.counter is not None and self.counter.count != m.computed_steps:
+                m.note = (f"the cache reports {m.computed_steps} computed steps but the last block ran "
+                          f"{self.counter.count} times")
+        elif self.counter is not None:
+            m.computed_steps, m.skipped_steps = self.counter.count, steps - self.counter.count
+        return m
+
+    def close(self) -> None:
+        if self.counter is not None:
+            self.counter.remove()
+
+
+class BlockCounter:
+    """Counts the transformer's last block running: once per step whose blocks were really computed."""
+
+    def __init__(self, transformer):
+        blocks = transformer.single_transformer_blocks or transformer.transformer_blocks
+        self.count = 0
+        self._hook = blocks[-1].register_forward_hook(self._seen)
+
+    def _seen(self, module, args, output):
+        self.count += 1
+
+    def remove(self) -> None:
+        self._hook.remove()
+
+
+# ---------------------------------------------------------------- baseline: bare diffusers
+
+class BaselineRun(RowRun):
+    def __init__(self, ctx: BenchContext):
+        super().__init__(ctx)
+        from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Pipeline
+
+        self.module = ctx.model.transformer()
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(SCHEDULER_CONFIG)
+        if ctx.model.family == "dev":
+            self.pipe = Flux2Pipeline(scheduler=scheduler, vae=ctx.vae, text_encoder=None, tokenizer=None,
+                                      transformer=self.module)
+        else:
+            self.pipe = Flux2KleinPipeline(scheduler=scheduler, vae=ctx.vae, text_encoder=None, tokenizer=None,
+                                           transformer=self.module, is_distilled=True)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.counter = BlockCounter(self.module)
+        self.factor = 2 ** (len(ctx.vae.config.block_out_channels) - 1) * 2
+
+    def run_once(self) -> torch.Tensor:
+        p, last = self.ctx.params, {}
+
+        def keep_latents(pipeline, step, timestep, kwargs):
+            last["latents"] = kwargs["latents"]
+            return {}
+
+        self.pipe(prompt_embeds=self.ctx.prompt_embeds.to(self.ctx.device, torch.bfloat16), height=p.height,
+                  width=p.width, num_inference_steps=p.steps, guidance_scale=p.guidance,
+                  num_images_per_prompt=p.batch_size, generator=torch.Generator("cpu").manual_seed(p.seed),
+                  output_type="latent", callback_on_step_end=keep_latents)
+        packed = last["latents"]  # [B, h*w, C], row-major
+        b, _, c = packed.shape
+        h, w = p.height // self.factor, p.width // self.factor
+        return packed.reshape(b, h, w, c).permute(0, 3, 1, 2).float().cpu()
+
+
+# ---------------------------------------------------------------- the pack's path
+
+class PackRun(RowRun):
+    """The pack's path from handle to latents: a store holding this row's own base module, `prepared`, `sample`.
+
+    `handle_for(i)` gives the handle of the row's i-th run (warmups included); by default the row's handle."""
+
+    def __init__(self, ctx: BenchContext, precision: str = "bf16", count_blocks: bool = True, **handle_fields):
+        super().__init__(ctx)
+        from ..handle import ModelHandle, ModelStore
+        from ..precision import apply_precision
+
+        self.store = ModelStore()
+        self.handle = ModelHandle(source=f"<bench {ctx.model.name} seed {ctx.model.seed}>", precision=precision,
+                                  family=ctx.model.family).replace(**handle_fields)
+        # What ModelStore.transformer does with a loaded file, with the file replaced by the seeded build.
+        self.module = self.store.get(self.handle.base_key,
+                                     lambda: apply_precision(ctx.model.transformer(), precision))
+        self.conditioning = ctx.conditioning()
+        self.counter = BlockCounter(self.module) if count_blocks else None
+        self.runs = 0
+
+    def handle_for(self, i: int):
+        return self.handle
+
+    def run_once(self) -> torch.Tensor:
+        from ..handle import RunReport
+        from ..sampling import sample
+
+        report = RunReport(params=self.ctx.params)
+        handle = self.handle_for(self.runs)
+        self.runs += 1
+        with self.store.prepared(handle, report) as transformer:
+            latent = sample(transformer, self.ctx.vae, self.conditioning, self.ctx.params)
+        self.stats = report.stats
+        return latent
+
+
+def _plain(stats: dict) -> dict:
+    """Feature statistics as JSON-safe values."""
+    def conv(v):
+        if isinstance(v, dict):
+            return {str(k): conv(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [conv(x) for x in v]
+        if isinstance(v, (str, int, float, bool)) or v is None:
+            return v
+        if torch.is_tensor(v) and v.numel() == 1:
+            return v.item()
+        return repr(v)
+    return conv(stats)
+
+
+def _require_precision(name: str) -> None:
+    try:
+        from ..precision import TRANSFORMER_PRECISIONS, apply_precision  # noqa: F401
+    except ImportError as e:
+        raise Unavailable(f"optim.precision cannot be imported ({e})") from e
+    if name not in TRANSFORMER_PRECISIONS:
+        raise Unavailable(f"optim.precision does not offer '{name}' yet (it has {', '.join(TRANSFORMER_PRECISIONS)})")
+
+
+def _require_feature(module: str, *names: str):
+    """The feature module, registered in the feature registry, with the attributes a row uses."""
+    import importlib
+
+    try:
+        mod = importlib.import_module(f"..{module}", __package__)
+    except ImportError as e:
+        raise Unavailable(f"optim.{module} is not there yet ({e})") from e
+    missing = [n for n in names if not hasattr(mod, n)]
+    if missing:
+        raise Unavailable(f"optim.{module} has no {', '.join(missing)} yet")
+    from .. import features
+
+    if module not in features.FEATURE_MODULES:
+        raise Unavailable(f"optim.{module} is not in optim.features.FEATURE_MODULES, so the pack's path would not "
+                          "apply it")
+    return mod
+
+
+def precision_row(precision: str) -> Callable[[BenchContext], RowRun]:
+    def start(ctx: BenchContext) -> RowRun:
+        _require_precision(precision)
+        run = PackRun(ctx, precision)
+        if precision == "fp8_e4m3fn_fast":
+            from .. import precision as prec
+
+            supported = getattr(prec, "fast_fp8_supported", None)
+            if supported is not None and not supported(ctx.device):
+                run.note = "fp8 matmuls need a CUDA GPU of compute capability 8.9+: ran as fp8_e4m3fn (fp8 storage)"
+        return run
+    return start
+
+
+def cache_row(method: str, threshold: float | None) -> Callable[[BenchContext], RowRun]:
+    """Step caching with `method` at `threshold` (None: the method's default)."""
+    def start(ctx: BenchContext) -> RowRun:
+        caching = _require_feature("caching", "CacheSettings")
+        if method not in getattr(caching, "METHODS", (method,)):
+            raise Unavailable(f"optim.caching has no '{method}' method yet (it has {', '.join(caching.METHODS)})")
+        settings = caching.CacheSettings(method=method)
+        if threshold is not None:
+            settings = _replace(settings, threshold=threshold)
+        else:
+            defaults = getattr(caching, "DEFAULT_THRESHOLDS", None)  # a per-method default, if the feature has one
+            if isinstance(defaults, dict) and method in defaults:
+                settings = _replace(settings, threshold=defaults[method])
+        run = CacheRun(ctx, cache=settings)
+        if threshold == 0:
+            run.note = "threshold 0 switches the cache off: the pack runs every step uncached"
+        return run
+    return start
+
+
+class CacheRun(PackRun):
+    def result(self) -> Measured:
+        m = super().result()
+        m.stats["settings"] = {"method": self.handle.cache.method, "threshold": self.handle.cache.threshold}
+        if "cache" in self.stats and self.handle.cache.threshold == 0:
+            m.note = None  # the feature did install itself at threshold 0
+        return m
+
+
+def _replace(obj, **changes):
+    import dataclasses
+
+    return dataclasses.replace(obj, **changes)
+
+
+# ---------------------------------------------------------------- compile
+
+def _dynamo_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+class CompileRun(PackRun):
+    """Regional compile through the compile feature, timed once compiled (warmup compiles).
+
+    `compile_s_cold` / `compile_s_warm`: the compile seconds of a first and a second fresh process sharing one empty
+    cache folder (`compile_time.cold_and_warm`), measured before this row builds its own model, so a real-size
+    model is never resident twice. `recompiles`: graphs dynamo compiled during the timed runs (0 when the compiled
+    code is reused). The last block is not hooked: a hook would be traced into the compiled graph."""
+
+    def __init__(self, ctx: BenchContext):
+        from .compile_time import cold_and_warm
+
+        compiling = _require_feature("compile", "CompileSettings")
+        p = ctx.params
+        cache_dir = str(ctx.workdir / "compile-cache")
+        self.processes = cold_and_warm(ctx.model.name, p.height, p.width, str(ctx.device),
+                                       text_tokens=ctx.prompt_embeds.shape[1], cache_dir=cache_dir)
+        # The row itself starts warm from the processes' cache, as a ComfyUI that compiled before would.
+        super().__init__(ctx, count_blocks=False, compile=compiling.CompileSettings(cache_dir=cache_dir))
+        self.recompiles = 0
+        import torch._dynamo
+
+        torch._dynamo.reset()  # this row compiles from nothing, whatever ran before in this process
+
+    def warm(self) -> None:
+        super().warm()
+        if self.ctx.warmup == 0:  # the timed runs would count the first compile as recompiles
+            self.run_once()
+
+    def timed(self) -> None:
+        before = _dynamo_graphs()
+        super().timed()
+        self.recompiles += _dynamo_graphs() - before
+
+    def result(self) -> Measured:
+        m = super().result()
+        m.compile_s_cold, m.compile_s_warm = self.processes["cold_s"], self.processes["warm_s"]
+        m.recompiles = self.recompiles
+        m.stats["compile_processes"] = self.processes
+        if self.processes["fallback"] or not self.stats.get("compile", {}).get("compiled", False):
+            m.note = f"compile fell back to eager: {self.processes['fallback'] or self.stats.get('compile')}"
+        return m
+
+    def close(self) -> None:
+        import torch._dynamo
+
+        super().close()
+        torch._dynamo.reset()  # leave no compiled code behind for the rows after this one
+
+
+# ---------------------------------------------------------------- LoRA
+
+LORA_STRENGTHS = (1.0, 0.5, 0.75, 0.25, 0.9, 0.6, 0.8, 0.4, 0.7, 0.3)
+
+
+class LoraRestrengthRun(PackRun):
+    """One LoRA, loaded by the first (untimed) run at strength 1. Each timed run follows a strength change, which is
+    what a user dragging the strength slider waits for; right after it, a plain re-run at the same strength is timed
+    too (`stats.plain_rerun_s`), so `stats.restrength_over_plain` is the cost of the change itself. The deviation
+    from the baseline is the LoRA's own effect."""
+
+    def __init__(self, ctx: BenchContext):
+        self.lora = _require_feature("lora", "LoraSpec")
+        super().__init__(ctx)
+        self.path = ctx.model.write_lora(ctx.workdir / "bench_lora.safetensors")
+        self.note = "deviation is the LoRA's own effect, not an error"
+        self.strength_index = 0
+        self.plain_times: list[float] = []
+
+    def handle_for(self, i: int):
+        strength = LORA_STRENGTHS[self.strength_index % len(LORA_STRENGTHS)]
+        return self.handle.replace(loras=(self.lora.LoraSpec(str(self.path), strength),))
+
+    def warm(self) -> None:
+        with Stopwatch(self.ctx.device) as watch:
+            self.run_once()  # reads the file and injects the adapter
+        self.first_s = watch.seconds
+        for _ in range(max(0, self.ctx.warmup - 1)):
+            self.run_once()
+
+    def timed(self) -> None:
+        self.strength_index += 1
+        super().timed()
+        counted = self.counter.count  # the steps of the timed run, not of the plain one
+        with Stopwatch(self.ctx.device) as watch:
+            self.run_once()  # same handle again: nothing changed
+        self.plain_times.append(watch.seconds)
+        self.counter.count = counted
+
+    def result(self) -> Measured:
+        m = super().result()
+        plain = median(self.plain_times)
+        m.stats["first_run_with_lora_load_s"] = round(self.first_s, 4)
+        m.stats["plain_rerun_s"] = round(plain, 6)
+        m.stats["restrength_over_plain"] = round(median(self.times) / plain, 4)
+        return m
+
+
+# ---------------------------------------------------------------- the registry
+
+# Random weights change the first block's residual by 40-80% per step (real FLUX weights: about 10%, hence the
+# default 0.12), so the default threshold skips nothing here. These two rows pin the cache's cost and gain anyway:
+# switched on but never skipping, and skipping about every other step.
+NO_SKIP_THRESHOLD = 1e-9
+RANDOM_WEIGHTS_SKIP_THRESHOLD = 0.8
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    description: str
+    start: Callable[[BenchContext], RowRun]  # builds the row's run, or raises Unavailable
+
+
+ROWS: tuple[Row, ...] = (
+    Row("baseline", "bare diffusers Flux2Pipeline, no pack code", BaselineRun),
+    Row("pack-bf16", "the pack's path (handle, store, features, sample), bf16", precision_row("bf16")),
+    Row("fp8", "fp8_e4m3fn weights, bf16 matmuls", precision_row("fp8_e4m3fn")),
+    Row("fp8-fast", "fp8_e4m3fn weights, fp8 matmuls where the GPU has them", precision_row("fp8_e4m3fn_fast")),
+    Row("nf4", "bitsandbytes nf4 weights", precision_row("nf4")),
+    Row("fbcache-0", "First Block Cache at threshold 0", cache_row("fbcache", 0.0)),
+    Row("fbcache", "First Block Cache at its default threshold", cache_row("fbcache", None)),
+    Row("fbcache-noskip", "First Block Cache on, at a threshold no step falls under: the cost of deciding",
+        cache_row("fbcache", NO_SKIP_THRESHOLD)),
+    Row("fbcache-skip", f"First Block Cache at {RANDOM_WEIGHTS_SKIP_THRESHOLD}, a threshold that skips steps on "
+        "random weights", cache_row("fbcache", RANDOM_WEIGHTS_SKIP_THRESHOLD)),
+    Row("teacache", "TeaCache at its default threshold", cache_row("teacache", None)),
+    Row("compile", "regional compile (cold and warm compile time)", CompileRun),
+    Row("lora-restrength", "re-runs after a LoRA strength change", LoraRestrengthRun),
+)
+ROW_NAMES = tuple(r.name for r in ROWS)
+
+
+def fidelity(result: RowResult, latent: torch.Tensor, reference_latent: torch.Tensor, image: torch.Tensor,
+             reference_image: torch.Tensor) -> None:
+    result.max_abs_diff, result.rel_l2 = latent_deviation(latent, reference_latent)
+    result.psnr = psnr(image, reference_image)
+
+
+def release() -> None:
+    """Give back what the previous row held before the next one is measured."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
