@@ -182,10 +182,20 @@ def test_fbcache_rows_pin_the_cache_on_without_and_with_skipping(tiny_run):
 
 
 @pytest.mark.skipif(os.environ.get("FLUX2_ACCEL_INDUCTOR_TEST") != "1", reason="set FLUX2_ACCEL_INDUCTOR_TEST=1")
-def test_compile_row_measures_cold_and_warm_processes_and_no_recompiles():
+def test_compile_row_measures_cold_and_warm_compiles_and_no_recompiles():
     rows, _ = run_bench(tiny_options(rows=("compile",), repeats=2))
     r = by_name(rows)["compile"]
     assert r.status == OK, r.reason
     assert r.compile_s_warm < r.compile_s_cold and r.recompiles == 0
-    assert r.stats["compile"]["compiled"] and r.stats["compile_processes"]["fallback"] is None
+    assert r.stats["compile"]["compiled"] and r.stats["compile_cold_process"]["fallback"] is None
     assert r.rel_l2 < 0.02  # inductor's bf16 kernels round differently from eager, nothing more
+
+
+def test_speedup_pairs_rounds_when_rows_are_interleaved():
+    from flux2_accel.optim.bench import speedup
+
+    baseline, row = [1.0, 2.0, 1.2], [0.5, 1.0, 0.6]  # the machine slowed down in round 2, for both rows alike
+    assert speedup(baseline, row, paired=True) == 2.0
+    assert speedup(baseline, [0.5, 1.0, 0.7], paired=True) == 2.0  # median of 2.0, 2.0, 1.71
+    assert speedup(baseline, [0.5, 1.0, 0.6], paired=False) == pytest.approx(1.2 / 0.6)
+    assert speedup([1.0, 2.0], [0.5, 1.0, 0.6], paired=True) == pytest.approx(1.5 / 0.6)  # unequal: medians

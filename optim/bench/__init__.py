@@ -101,7 +101,7 @@ def run_bench(options: BenchOptions, progress=None) -> tuple[list[RowResult], di
                for r in rows}
     with tempfile.TemporaryDirectory(prefix="flux2-accel-bench-") as workdir:
         ctx = BenchContext(model, params, model.prompt_embeds(options.tokens), vae, options.warmup, Path(workdir))
-        bench = _Bench(ctx, results, say)
+        bench = _Bench(ctx, results, say, paired=options.interleaved)
         if options.interleaved:
             bench.interleaved(rows, options.repeats)
         else:
@@ -112,9 +112,10 @@ def run_bench(options: BenchOptions, progress=None) -> tuple[list[RowResult], di
 class _Bench:
     """Drives the rows' stages; a row that raises is marked and the others go on (the baseline must not fail)."""
 
-    def __init__(self, ctx: BenchContext, results: dict[str, RowResult], say):
+    def __init__(self, ctx: BenchContext, results: dict[str, RowResult], say, paired: bool):
         self.ctx, self.results, self.say = ctx, results, say
-        self.reference = None  # (latent, image, sec_per_step) of the baseline
+        self.paired = paired  # repeat k of every row ran in one round: compare rows round by round
+        self.reference = None  # (latent, image, RowResult) of the baseline
 
     def _stage(self, name: str, stage, *args):
         try:
@@ -164,9 +165,10 @@ class _Bench:
         _fill(result, measured, self.ctx.params)
         image = decode(self.ctx.vae, measured.latent)
         if self.reference is None:
-            self.reference = (measured.latent, image, result.sec_per_step)
-        fidelity(result, measured.latent, self.reference[0], image, self.reference[1])
-        result.speedup_vs_baseline = self.reference[2] / result.sec_per_step
+            self.reference = (measured.latent, image, result)
+        reference_latent, reference_image, baseline = self.reference
+        fidelity(result, measured.latent, reference_latent, image, reference_image)
+        result.speedup_vs_baseline = speedup(baseline.run_seconds, result.run_seconds, self.paired)
         self.say(f"bench: {name} ok, {result.sec_per_step:.4f} s/step")
 
     def sequential(self, rows, repeats: int) -> None:
@@ -192,6 +194,17 @@ class _Bench:
         for name in list(runs):
             self._finish(name, runs.pop(name))
         release()
+
+
+def speedup(baseline_seconds: list[float], row_seconds: list[float], paired: bool) -> float:
+    """How many times faster than the baseline. Paired (rows timed round-robin): the median over rounds of the
+    baseline's time over the row's time in the same round, so load that drifts between rounds cancels out.
+    Otherwise: the ratio of the medians."""
+    from .measure import median
+
+    if paired and len(baseline_seconds) == len(row_seconds):
+        return median([b / r for b, r in zip(baseline_seconds, row_seconds)])
+    return median(baseline_seconds) / median(row_seconds)
 
 
 def _fill(result: RowResult, measured, params) -> None:
