@@ -69,3 +69,10 @@ def tiny_models(tmp_path_factory) -> TinyModels:
     f["qwen_comfy"] = _save(root / "text_encoders" / "qwen3_comfy.safetensors", qwen_sd)
     klein.tokenizer.save_pretrained(root / "text_encoders" / "qwen3_comfy_tokenizer")
     return t
+
+
+@pytest.fixture
+def comfyui_inference_mode():
+    """ComfyUI executes every prompt under torch.inference_mode(): tests of what runs inside a prompt use it too."""
+    with torch.inference_mode():
+        yield

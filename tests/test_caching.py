@@ -108,6 +108,42 @@ def test_nothing_skipped_is_bit_identical(models, method, batch, reference):
     assert_untouched(transformer)
 
 
+@pytest.mark.parametrize("method", ["fbcache", "teacache"])
+def test_inference_mode_as_comfyui_runs_nodes(models, method):
+    """ComfyUI executes nodes under torch.inference_mode(), whose tensors have no version counter: every method must
+    run there and give the same output as outside it, skipping the same steps."""
+    transformer, vae, cond, _ = models["dev"]
+    outside, outside_stats = cached_sample(transformer, vae, cond, P6, CacheSettings(method, **HIGH))
+    with torch.inference_mode():
+        inside, inside_stats = cached_sample(transformer, vae, cond, P6, CacheSettings(method, **HIGH))
+        nothing_skipped, _ = cached_sample(transformer, vae, cond, P6, CacheSettings(method, threshold=1e-12))
+        base = sample(transformer, vae, cond, P6)
+    counts = ("computed_steps", "skipped_steps", "total_steps")
+    assert torch.equal(inside, outside) and inside_stats["skipped_steps"] > 0
+    assert [inside_stats[k] for k in counts] == [outside_stats[k] for k in counts]
+    assert torch.equal(nothing_skipped, base)
+    assert_untouched(transformer)
+
+
+def test_rotary_memo_recomputes_when_ids_change_in_place(models):
+    from flux2_accel.optim.caching.fbcache import _rotary_memoized
+
+    transformer = models["dev"][0]
+    ids = torch.cartesian_prod(torch.arange(1), torch.arange(3), torch.arange(4), torch.arange(1))
+    with torch.inference_mode():
+        ids_inference = ids.clone()
+    with _rotary_memoized(transformer.pos_embed):
+        for tensor in (ids, ids_inference):
+            first = transformer.pos_embed(tensor)
+            assert transformer.pos_embed(tensor) is first  # same ids: computed once
+            with torch.inference_mode():
+                tensor[:, 1] += 1  # same storage, new values
+            changed = transformer.pos_embed(tensor)
+            expected = transformer.pos_embed.__class__.forward(transformer.pos_embed, tensor)
+            assert changed is not first and all(torch.equal(a, b) for a, b in zip(changed, expected))
+    assert "forward" not in transformer.pos_embed.__dict__
+
+
 @pytest.mark.parametrize("method,first_block_runs", [("fbcache", 6), ("teacache", 2)])
 def test_high_threshold_skips_with_warmup_and_consecutive_limit(models, method, first_block_runs):
     transformer, vae, cond, _ = models["dev"]

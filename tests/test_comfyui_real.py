@@ -100,15 +100,18 @@ def test_example_workflows_are_served(comfyui):
     assert "flux2_t2i" in _get(url + "/workflow_templates").get("flux2-accel", [])
 
 
-def test_api_workflow_produces_an_image(comfyui):
-    url, base, log_path = comfyui
+def _tiny_graph() -> dict:
     graph = json.loads((ROOT / "workflows" / "flux2_t2i_api.json").read_text())
     graph["1"]["inputs"]["model_name"] = "tiny_flux2_dev.safetensors"
     graph["2"]["inputs"]["text_encoder_name"] = "tiny_mistral.safetensors"
     graph["3"]["inputs"]["vae_name"] = "tiny_flux2_vae.safetensors"
     graph["5"]["inputs"].update(width=64, height=48, steps=2)
+    return graph
+
+
+def _run(url, log_path, graph, timeout=240) -> dict:
     prompt_id = _post(url + "/prompt", {"prompt": graph, "client_id": "flux2-accel-test"})["prompt_id"]
-    deadline = time.time() + 240
+    deadline = time.time() + timeout
     while time.time() < deadline:
         history = _get(url + f"/history/{prompt_id}")
         if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
@@ -118,6 +121,36 @@ def test_api_workflow_produces_an_image(comfyui):
         pytest.fail(f"prompt did not finish; log:\n{log_path.read_text()[-3000:]}")
     entry = history[prompt_id]
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[-3000:]
+    return entry
+
+
+def test_compile_and_cache_nodes_reuse_compiled_code_across_prompts(comfyui):
+    """Loader -> step cache -> torch compile (inductor) -> sampler, queued twice with a new seed and threshold: the
+    second prompt compiles nothing, and the compile caches live in ComfyUI's user directory."""
+    url, base, log_path = comfyui
+    graph = _tiny_graph()
+    graph["10"] = {"class_type": "Flux2AccelStepCache",
+                   "inputs": {"model": ["1", 0], "method": "fbcache", "threshold": 0.1, "start_percent": 0.0,
+                              "end_percent": 1.0, "max_consecutive_cached": 3, "warmup_steps": 1}}
+    graph["11"] = {"class_type": "Flux2AccelCompile",
+                   "inputs": {"model": ["10", 0], "scope": "regional", "mode": "default", "dynamic": "auto",
+                              "fullgraph": False, "backend": "inductor", "compile_vae_decoder": False}}
+    graph["5"]["inputs"]["model"] = ["11", 0]
+    stats = []
+    for seed, threshold in ((1, 0.1), (2, 0.3)):
+        graph["5"]["inputs"]["seed"] = seed
+        graph["10"]["inputs"]["threshold"] = threshold
+        entry = _run(url, log_path, graph, timeout=600)
+        stats.append("\n".join(entry["outputs"]["5"]["flux2_stats"]))
+    assert "compile: compiled=True" in stats[0] and "graphs=0" not in stats[0], stats[0]
+    assert "fallback=None" in stats[0] and "cache: method=fbcache" in stats[0]
+    assert "graphs=0" in stats[1] and "recompiles=0" in stats[1], stats[1]
+    assert list((base / "user" / "flux2-accel" / "compile-cache" / "inductor").iterdir())
+
+
+def test_api_workflow_produces_an_image(comfyui):
+    url, base, log_path = comfyui
+    entry = _run(url, log_path, _tiny_graph())
     images = entry["outputs"]["6"]["images"]
     from PIL import Image
 

@@ -28,6 +28,8 @@ from flux2_accel.optim.lora import LoraSpec
 from flux2_accel.optim.sampling import SamplingParams, sample
 from flux2_accel.optim.text_encoding import Flux2Conditioning
 
+pytestmark = pytest.mark.usefixtures("comfyui_inference_mode")  # as ComfyUI runs prompts
+
 EAGER = CompileSettings(backend="eager")
 BLOCK_KINDS = 2  # Flux2TransformerBlock, Flux2SingleTransformerBlock: one graph each, shared by every block
 

@@ -15,6 +15,8 @@ from flux2_accel.optim.errors import InputError, ModelFileError
 from flux2_accel.optim.handle import ModelHandle, ModelStore, RunReport
 from flux2_accel.optim.lora import FEATURE, LoraSpec, prepare_for_compile, stack
 
+pytestmark = pytest.mark.usefixtures("comfyui_inference_mode")  # as ComfyUI runs prompts
+
 SPEC = tiny.TINY
 RANK = 4
 

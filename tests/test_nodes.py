@@ -14,6 +14,8 @@ from flux2_accel.nodes.loaders import DIFFUSERS_PREFIX
 from flux2_accel.optim.errors import InputError, ModelFileError
 from flux2_accel.optim.handle import STORE
 
+pytestmark = pytest.mark.usefixtures("comfyui_inference_mode")  # as ComfyUI runs prompts
+
 
 @pytest.fixture
 def models_dir(tiny_models, monkeypatch):

@@ -129,21 +129,22 @@ def _new_branch_state(run: CacheRun, branch: Branch) -> None:
 @contextlib.contextmanager
 def _rotary_memoized(pos_embed, capacity: int = 8):
     """Within a run the pipeline passes the same position-id tensors at every step, so their rotary embeddings are
-    computed once: on small models that is a sizeable part of what a skipped step still costs. Keyed on the ids'
-    storage, layout and version counter, so any other or modified ids are computed afresh."""
+    computed once: on small models that is a sizeable part of what a skipped step still costs. A hit needs the same
+    storage, layout and values as a kept copy (ids are a few thousand integers: comparing is cheap). Values are
+    compared rather than version counters because ComfyUI runs nodes in inference mode, whose tensors have none."""
     original = pos_embed.forward
     previous = pos_embed.__dict__.get("forward")
     memo: dict = {}
 
     def forward(ids):
-        key = (ids.data_ptr(), ids.storage_offset(), tuple(ids.shape), ids.stride(), ids._version, ids.dtype,
-               ids.device)
+        key = (ids.data_ptr(), ids.storage_offset(), tuple(ids.shape), ids.stride(), ids.dtype, ids.device)
         hit = memo.get(key)
-        if hit is None:
+        if hit is None or not torch.equal(hit[1], ids):
             if len(memo) >= capacity:
                 memo.clear()
-            hit = memo[key] = (ids, original(ids))  # holding ids keeps its storage from being reused
-        return hit[1]
+            # Holding ids keeps its storage from being reused by another tensor under the same key.
+            hit = memo[key] = (ids, ids.clone(), original(ids))
+        return hit[2]
 
     pos_embed.forward = forward
     try:
