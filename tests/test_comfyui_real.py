@@ -42,6 +42,25 @@ def _post(url, payload):
         return json.loads(r.read())
 
 
+def _write_comfy_lora(transformer_file: Path, path: Path, rank: int = 2) -> None:
+    """A ComfyUI-format LoRA (diffusion_model.* lora_down / lora_up + alpha) over the tiny model's block layers."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(5)
+    tensors = {}
+    with safe_open(str(transformer_file), "pt") as f:
+        for key in f.keys():
+            if "blocks." in key and key.endswith(".weight") and len(f.get_slice(key).get_shape()) == 2:
+                out_features, in_features = f.get_slice(key).get_shape()
+                name = "diffusion_model." + key.removeprefix("model.diffusion_model.")[: -len(".weight")]
+                tensors[f"{name}.lora_down.weight"] = torch.randn(rank, in_features, generator=g) * 0.5
+                tensors[f"{name}.lora_up.weight"] = torch.randn(out_features, rank, generator=g) * 0.5
+                tensors[f"{name}.alpha"] = torch.tensor(float(rank))
+    save_file(tensors, str(path))
+
+
 @pytest.fixture(scope="module")
 def comfyui(tiny_models, tmp_path_factory):
     base = tmp_path_factory.mktemp("comfy_base")
@@ -55,6 +74,8 @@ def comfyui(tiny_models, tmp_path_factory):
         shutil.copy(tiny_models.files[label], models / folder / name)
     shutil.copytree(tiny_models.root / "text_encoders" / "mistral_comfy_tokenizer",
                     models / "text_encoders" / "tiny_mistral_tokenizer")
+    (models / "loras").mkdir()
+    _write_comfy_lora(tiny_models.files["dev_comfy"], models / "loras" / "tiny_style.safetensors")
     port = _free_port()
     log_path = base / "comfyui.log"
     log = open(log_path, "w")
@@ -157,3 +178,33 @@ def test_api_workflow_produces_an_image(comfyui):
     img = Image.open(base / "output" / images[0].get("subfolder", "") / images[0]["filename"])
     assert img.size == (64, 48)
     assert "flux2_stats" in entry["outputs"]["5"]
+
+
+def test_lora_stack_strength_change_and_toggle(comfyui):
+    """LoRA Stack between loader and sampler: the stats name the LoRA and its strength, a strength change changes
+    the image, and a disabled slot gives exactly the image without any LoRA."""
+    url, base, log_path = comfyui
+    from PIL import Image
+
+    def image_and_stats(lora=None):
+        graph = _tiny_graph()
+        graph["5"]["inputs"]["seed"] = 9
+        if lora is not None:
+            strength, enabled = lora
+            graph["20"] = {"class_type": "Flux2AccelLoraStack",
+                           "inputs": {"model": ["1", 0], "lora_1": "tiny_style.safetensors", "strength_1": strength,
+                                      "enabled_1": enabled}}
+            graph["5"]["inputs"]["model"] = ["20", 0]
+        entry = _run(url, log_path, graph)
+        saved = entry["outputs"]["6"]["images"][0]
+        pixels = Image.open(base / "output" / saved.get("subfolder", "") / saved["filename"]).tobytes()
+        return pixels, "\n".join(entry["outputs"]["5"]["flux2_stats"])
+
+    plain, _ = image_and_stats()
+    full, full_stats = image_and_stats((1.0, True))
+    half, half_stats = image_and_stats((0.5, True))
+    off, _ = image_and_stats((0.5, False))
+    assert "tiny_style.safetensors x1'" in full_stats and "tiny_style.safetensors x0.5'" in half_stats
+    assert "36/36" in full_stats  # every key of the file matched
+    assert full != plain and half != full
+    assert off == plain
