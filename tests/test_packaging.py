@@ -73,3 +73,17 @@ def test_engine_never_imports_comfyui_and_pack_imports_are_relative():
         for module, level in _imports(path):
             if level == 0:
                 assert module.split(".")[0] not in ("optim", "nodes", "flux2_accel"), f"{path}: absolute {module}"
+
+
+def test_tests_run_in_a_checkout_whose_folder_is_not_an_identifier(tmp_path):
+    """pytest sets the checkout up as a package (it has __init__.py); in a folder such as 'flux2-accel' it reads
+    __init__.py without a package. That must not fail every test."""
+    import shutil
+    import subprocess
+
+    checkout = tmp_path / "flux2-accel"
+    shutil.copytree(ROOT, checkout, ignore=shutil.ignore_patterns(".git", ".venv", "__pycache__", "*.egg-info"))
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           "tests/test_packaging.py::test_requirements_match_pyproject"],
+                          cwd=checkout, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "1 passed" in done.stdout, done.stdout[-2000:]
