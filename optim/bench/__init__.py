@@ -4,7 +4,7 @@ Builds a random-weight FLUX.2 transformer (and VAE, and seeded random text embed
 row on the same embeddings, seed and size, and reports time, memory and fidelity against the `baseline` row (bare
 diffusers). Rows are listed in `rows.ROWS`; the JSON schema is documented in docs/benchmark.md.
 
-    flux2-accel bench                                  # small config on this machine, about 2 minutes on 2 cores
+    flux2-accel bench                                  # small config on this machine, about 2.5 minutes on 2 cores
     flux2-accel bench --config dev --height 1024 --width 1024 --steps 28 --json dev.json --plot dev.png
 """
 
