@@ -30,9 +30,24 @@ FLUX2_T2I = {
           {"model": ("1", 0), "vae": ("3", 0), "conditioning": ("4", 0)}),
     "6": ("SaveImage", "Save Image", {"filename_prefix": "flux2-accel"}, {"images": ("5", 0)}),
 }
-WORKFLOWS = {"flux2_t2i": FLUX2_T2I}
-# Canvas positions [x, y]: loaders in a column, then encode, sampler (tall: its statistics box grows), save.
-LAYOUT = {"1": [40, 60], "2": [40, 220], "3": [40, 380], "4": [420, 60], "5": [420, 330], "6": [800, 60]}
+# The same graph with the speed nodes between the loader and the sampler: step cache, then regional compile.
+FLUX2_T2I_FAST = {
+    **FLUX2_T2I,
+    "7": ("Flux2AccelStepCache", "Step Cache (FLUX.2)",
+          {"method": "fbcache", "threshold": 0.12, "start_percent": 0.0, "end_percent": 1.0,
+           "max_consecutive_cached": 3, "warmup_steps": 1, "teacache_coefficients": ""}, {"model": ("1", 0)}),
+    "8": ("Flux2AccelCompile", "Torch Compile (FLUX.2)",
+          {"scope": "regional", "mode": "default", "dynamic": "auto", "fullgraph": False, "backend": "inductor",
+           "compile_vae_decoder": False}, {"model": ("7", 0)}),
+}
+FLUX2_T2I_FAST["5"] = (*FLUX2_T2I["5"][:3], {**FLUX2_T2I["5"][3], "model": ("8", 0)})
+WORKFLOWS = {"flux2_t2i": FLUX2_T2I, "flux2_t2i_fast": FLUX2_T2I_FAST}
+# Canvas positions [x, y]: loaders in a column, then encode, sampler (tall: its statistics box grows), save; the
+# speed nodes below the loaders.
+LAYOUT = {"1": [40, 60], "2": [40, 220], "3": [40, 380], "4": [420, 60], "5": [420, 330], "6": [800, 60],
+          "7": [40, 540], "8": [40, 820]}
+# Node heights on the canvas (the frontend grows a node to fit its widgets).
+HEIGHTS = {"Flux2AccelSampler": 330, "Flux2AccelStepCache": 250, "Flux2AccelCompile": 230}
 
 # Widgets the frontend adds after a value: seeds get a "control after generate" entry.
 CONTROL_AFTER = {"seed": "fixed"}
@@ -43,6 +58,8 @@ OUTPUT_TYPES = {
     "Flux2AccelLoadVAE": [("vae", "FLUX2_VAE")],
     "Flux2AccelTextEncode": [("conditioning", "FLUX2_CONDITIONING")],
     "Flux2AccelSampler": [("image", "IMAGE"), ("latent", "LATENT")],
+    "Flux2AccelStepCache": [("model", "FLUX2_MODEL")],
+    "Flux2AccelCompile": [("model", "FLUX2_MODEL")],
     "SaveImage": [],
 }
 
@@ -75,7 +92,7 @@ def ui_format(graph: dict) -> dict:
         outputs = [{"name": name, "type": typ, "links": out_links.get((nid, slot), []), "slot_index": slot}
                    for slot, (name, typ) in enumerate(OUTPUT_TYPES[cls])]
         nodes.append({"id": int(nid), "type": cls, "title": title, "pos": LAYOUT[nid],
-                      "size": [340, 330 if cls == "Flux2AccelSampler" else 120], "flags": {}, "order": order,
+                      "size": [340, HEIGHTS.get(cls, 120)], "flags": {}, "order": order,
                       "mode": 0, "inputs": node_inputs, "outputs": outputs,
                       "properties": {"Node name for S&R": cls}, "widgets_values": values})
     # UI links carry target slot indices, not names

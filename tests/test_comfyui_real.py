@@ -118,11 +118,12 @@ def test_object_info_lists_our_nodes(comfyui):
 
 def test_example_workflows_are_served(comfyui):
     url, _, _ = comfyui
-    assert "flux2_t2i" in _get(url + "/workflow_templates").get("flux2-accel", [])
+    templates = _get(url + "/workflow_templates").get("flux2-accel", [])
+    assert "flux2_t2i" in templates and "flux2_t2i_fast" in templates
 
 
-def _tiny_graph() -> dict:
-    graph = json.loads((ROOT / "workflows" / "flux2_t2i_api.json").read_text())
+def _tiny_graph(name: str = "flux2_t2i") -> dict:
+    graph = json.loads((ROOT / "workflows" / f"{name}_api.json").read_text())
     graph["1"]["inputs"]["model_name"] = "tiny_flux2_dev.safetensors"
     graph["2"]["inputs"]["text_encoder_name"] = "tiny_mistral.safetensors"
     graph["3"]["inputs"]["vae_name"] = "tiny_flux2_vae.safetensors"
@@ -145,22 +146,17 @@ def _run(url, log_path, graph, timeout=240) -> dict:
     return entry
 
 
-def test_compile_and_cache_nodes_reuse_compiled_code_across_prompts(comfyui):
-    """Loader -> step cache -> torch compile (inductor) -> sampler, queued twice with a new seed and threshold: the
-    second prompt compiles nothing, and the compile caches live in ComfyUI's user directory."""
+def test_fast_workflow_reuses_compiled_code_across_prompts(comfyui):
+    """The shipped fast workflow (loader -> step cache -> torch compile with inductor -> sampler), queued twice with
+    a new seed and threshold: the second prompt compiles nothing, and the compile caches live in ComfyUI's user
+    directory."""
     url, base, log_path = comfyui
-    graph = _tiny_graph()
-    graph["10"] = {"class_type": "Flux2AccelStepCache",
-                   "inputs": {"model": ["1", 0], "method": "fbcache", "threshold": 0.1, "start_percent": 0.0,
-                              "end_percent": 1.0, "max_consecutive_cached": 3, "warmup_steps": 1}}
-    graph["11"] = {"class_type": "Flux2AccelCompile",
-                   "inputs": {"model": ["10", 0], "scope": "regional", "mode": "default", "dynamic": "auto",
-                              "fullgraph": False, "backend": "inductor", "compile_vae_decoder": False}}
-    graph["5"]["inputs"]["model"] = ["11", 0]
+    graph = _tiny_graph("flux2_t2i_fast")
+    assert (graph["7"]["class_type"], graph["8"]["class_type"]) == ("Flux2AccelStepCache", "Flux2AccelCompile")
     stats = []
     for seed, threshold in ((1, 0.1), (2, 0.3)):
         graph["5"]["inputs"]["seed"] = seed
-        graph["10"]["inputs"]["threshold"] = threshold
+        graph["7"]["inputs"]["threshold"] = threshold
         entry = _run(url, log_path, graph, timeout=600)
         stats.append("\n".join(entry["outputs"]["5"]["flux2_stats"]))
     assert "compile: compiled=True" in stats[0] and "graphs=0" not in stats[0], stats[0]
