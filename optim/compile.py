@@ -90,6 +90,10 @@ class CompileSettings:
         if isinstance(self.backend, str):
             if not self.backend.strip():
                 raise InputError("compile backend is empty: use 'inductor' (default), 'aot_eager' or 'eager'.")
+            known = _backend_names()
+            if known and self.backend not in known:  # a typo would otherwise only show as an eager fallback
+                raise InputError(f"compile backend '{self.backend}' is not a torch.compile backend here: use "
+                                 f"'inductor' (default), 'aot_eager' or 'eager' (installed: {', '.join(known)}).")
         elif not callable(self.backend):
             raise InputError(f"compile backend must be a name or a callable, got {type(self.backend).__name__}.")
 
@@ -105,6 +109,16 @@ class CompileSettings:
         if self.mode != "default" and self.backend == "inductor":  # other backends refuse a mode
             kwargs["mode"] = self.mode
         return kwargs
+
+
+def _backend_names() -> list[str]:
+    """torch.compile backends registered in this process (empty if dynamo cannot tell)."""
+    try:
+        import torch._dynamo
+
+        return [n for n in torch._dynamo.list_backends(exclude_tags=()) if "TESTING" not in n]
+    except Exception:
+        return []
 
 
 # ---------------------------------------------------------------- dynamo counters

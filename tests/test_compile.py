@@ -357,7 +357,8 @@ def test_mega_cache_loads_only_trusted_files_and_survives_bad_ones(tmp_path, cap
 
 def test_settings_validation_names_the_field():
     for bad, field in ((CompileSettings(scope="partial"), "scope"), (CompileSettings(mode="fast"), "mode"),
-                       (CompileSettings(dynamic="yes"), "dynamic"), (CompileSettings(backend=" "), "backend")):
+                       (CompileSettings(dynamic="yes"), "dynamic"), (CompileSettings(backend=" "), "backend"),
+                       (CompileSettings(backend="indcutor"), "backend 'indcutor'")):
         with pytest.raises(InputError, match=field):
             bad.validate()
     assert "mode" not in CompileSettings(backend="eager", mode="max-autotune").torch_compile_kwargs()
