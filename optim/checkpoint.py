@@ -6,6 +6,7 @@ with the file's name in the message. Tensors are then read one by one from the m
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import struct
@@ -168,24 +169,28 @@ def return_free_heap() -> None:
     """Hand the C heap's free pages back to the OS (glibc's malloc_trim; elsewhere a no-op). A conversion's
     temporaries are freed between the converted tensors it keeps, and the allocator would hold on to that memory:
     without this, resident memory grows by about the converted model's size again."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def _page_size() -> int:
     return os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
-def _madvise(address: int, length: int, advice: int) -> bool:
+@functools.lru_cache(maxsize=1)
+def _libc():
+    """The C library of this process (None where there is none to call)."""
     try:
         import ctypes
 
         libc = ctypes.CDLL(None, use_errno=True)
         libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-        return libc.madvise(address, length, advice) == 0
+        return libc
     except (OSError, AttributeError):
-        return False
+        return None
+
+
+def _madvise(address: int, length: int, advice: int) -> bool:
+    libc = _libc()
+    return libc is not None and libc.madvise(address, length, advice) == 0

@@ -76,3 +76,12 @@ def comfyui_inference_mode():
     """ComfyUI executes every prompt under torch.inference_mode(): tests of what runs inside a prompt use it too."""
     with torch.inference_mode():
         yield
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models on a shared 2-core machine: a second intra-op thread only adds contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

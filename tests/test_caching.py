@@ -20,6 +20,8 @@ from flux2_accel.optim.text_encoding import Flux2Conditioning
 
 FAMILY_TE = {"dev": "mistral", "klein": "qwen3"}
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 @pytest.fixture(scope="module")
 def models():
@@ -34,15 +36,6 @@ def models():
                                      FAMILY_TE[spec.family])
         out[spec.family] = (transformer, vae, cond, negative)
     return out
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models on a shared 2-core machine: a second intra-op thread only adds contention.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @contextlib.contextmanager

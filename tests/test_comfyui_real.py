@@ -131,8 +131,10 @@ def _tiny_graph(name: str = "flux2_t2i") -> dict:
     return graph
 
 
-def _run(url, log_path, graph, timeout=240) -> dict:
-    prompt_id = _post(url + "/prompt", {"prompt": graph, "client_id": "flux2-accel-test"})["prompt_id"]
+def _run(url, log_path, graph, timeout=240, extra_data=None) -> dict:
+    """Queue `graph` over HTTP, wait for it, and return its history entry (it must have succeeded)."""
+    payload = {"prompt": graph, "client_id": "flux2-accel-test", **({"extra_data": extra_data} if extra_data else {})}
+    prompt_id = _post(url + "/prompt", payload)["prompt_id"]
     deadline = time.time() + timeout
     while time.time() < deadline:
         history = _get(url + f"/history/{prompt_id}")

@@ -28,18 +28,10 @@ from flux2_accel.optim.lora import LoraSpec
 from flux2_accel.optim.sampling import SamplingParams, sample
 from flux2_accel.optim.text_encoding import Flux2Conditioning
 
-pytestmark = pytest.mark.usefixtures("comfyui_inference_mode")  # as ComfyUI runs prompts
+pytestmark = pytest.mark.usefixtures("comfyui_inference_mode", "one_torch_thread")  # inference mode: as ComfyUI runs prompts
 
 EAGER = CompileSettings(backend="eager")
 BLOCK_KINDS = 2  # Flux2TransformerBlock, Flux2SingleTransformerBlock: one graph each, shared by every block
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

@@ -17,6 +17,8 @@ from flux2_accel.optim.precision import Fp8Linear
 from flux2_accel.optim.sampling import SamplingParams, sample
 from flux2_accel.optim.text_encoding import Flux2Conditioning, TextEncoder
 
+import layout_fixtures
+
 QUANTIZED = ("fp8_e4m3fn", "fp8_e4m3fn_fast", "nf4")
 # Deviation of the final latents from bf16 on the same seed (measured on TINY: fp8 0.0025, nf4 0.0041).
 LATENT_BOUND = {"fp8_e4m3fn": 0.01, "fp8_e4m3fn_fast": 0.01, "nf4": 0.02}
@@ -241,50 +243,6 @@ def test_text_encoder_precisions_encode_close_to_bf16(text_parts, name):
 
 # ---------------------------------------------------------------- pre-quantized checkpoints
 
-_BFL_RENAMES = {
-    "x_embedder": "img_in", "context_embedder": "txt_in",
-    "time_guidance_embed.timestep_embedder.linear_1": "time_in.in_layer",
-    "time_guidance_embed.timestep_embedder.linear_2": "time_in.out_layer",
-    "time_guidance_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
-    "time_guidance_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
-    "double_stream_modulation_img.linear": "double_stream_modulation_img.lin",
-    "double_stream_modulation_txt.linear": "double_stream_modulation_txt.lin",
-    "single_stream_modulation.linear": "single_stream_modulation.lin", "proj_out": "final_layer.linear"}
-_BFL_DOUBLE = {
-    "attn.norm_q.weight": "img_attn.norm.query_norm.scale", "attn.norm_k.weight": "img_attn.norm.key_norm.scale",
-    "attn.norm_added_q.weight": "txt_attn.norm.query_norm.scale",
-    "attn.norm_added_k.weight": "txt_attn.norm.key_norm.scale",
-    "attn.to_out.0.weight": "img_attn.proj.weight", "attn.to_add_out.weight": "txt_attn.proj.weight",
-    "ff.linear_in.weight": "img_mlp.0.weight", "ff.linear_out.weight": "img_mlp.2.weight",
-    "ff_context.linear_in.weight": "txt_mlp.0.weight", "ff_context.linear_out.weight": "txt_mlp.2.weight"}
-_BFL_SINGLE = {"attn.to_qkv_mlp_proj.weight": "linear1.weight", "attn.to_out.weight": "linear2.weight",
-               "attn.norm_q.weight": "norm.query_norm.scale", "attn.norm_k.weight": "norm.key_norm.scale"}
-
-
-def _to_bfl(sd: dict, cfg) -> dict:
-    """diffusers -> BFL key layout (what BFL and Comfy-Org ship), for the tiny transformer."""
-    out = {}
-    for k, v in sd.items():
-        if k.startswith(("transformer_blocks", "single_transformer_blocks")):
-            continue
-        if k == "norm_out.linear.weight":
-            scale, shift = v.chunk(2, 0)
-            out["final_layer.adaLN_modulation.1.weight"] = torch.cat([shift, scale])
-            continue
-        for a, b in _BFL_RENAMES.items():
-            k = k.replace(a, b)
-        out[k] = v
-    for i in range(cfg.num_layers):
-        p, q = f"transformer_blocks.{i}.", f"double_blocks.{i}."
-        out[q + "img_attn.qkv.weight"] = torch.cat([sd[p + f"attn.to_{x}.weight"] for x in "qkv"])
-        out[q + "txt_attn.qkv.weight"] = torch.cat([sd[p + f"attn.add_{x}_proj.weight"] for x in "qkv"])
-        out.update({q + b: sd[p + a] for a, b in _BFL_DOUBLE.items()})
-    for i in range(cfg.num_single_layers):
-        p, q = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
-        out.update({q + b: sd[p + a] for a, b in _BFL_SINGLE.items()})
-    return {k: v.contiguous() for k, v in out.items()}
-
-
 def _block_linear(key: str, value: torch.Tensor) -> bool:
     return "blocks." in key and key.endswith(".weight") and value.ndim == 2
 
@@ -340,7 +298,8 @@ def _swizzle(scales: torch.Tensor) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def bfl_reference(parts):
-    return _to_bfl(parts.transformer.state_dict(), parts.transformer.config)
+    cfg = parts.transformer.config
+    return layout_fixtures.transformer_to_bfl(parts.transformer.state_dict(), cfg.num_layers, cfg.num_single_layers)
 
 
 def _reference_model(reference_bfl: dict, tmp_path) -> torch.nn.Module:

@@ -563,16 +563,11 @@ if os.environ.get("COMFYUI_DIR"):
 
 @pytest.mark.skipif(not os.environ.get("COMFYUI_DIR"), reason="set COMFYUI_DIR to run the pack in a real ComfyUI")
 def test_remote_node_in_real_comfyui_keeps_the_token_out_of_outputs(token_in_environment, comfyui, text_encoder):
-    import time
-
-    from test_comfyui_real import ROOT, _get, _post
+    from test_comfyui_real import _run, _tiny_graph
 
     url, base, log_path = comfyui
-    graph = json.loads((ROOT / "workflows" / "flux2_t2i_api.json").read_text())
+    graph = _tiny_graph()
     del graph["2"]
-    graph["1"]["inputs"]["model_name"] = "tiny_flux2_dev.safetensors"
-    graph["3"]["inputs"]["vae_name"] = "tiny_flux2_vae.safetensors"
-    graph["5"]["inputs"].update(width=64, height=48, steps=2)
     app = create_app(text_encoder, token=TOKEN)
     with LoopbackServer(app) as server:
         graph["4"] = {"class_type": "Flux2AccelRemoteTextEncode", "inputs": {
@@ -580,23 +575,12 @@ def test_remote_node_in_real_comfyui_keeps_the_token_out_of_outputs(token_in_env
             "use_cache": True, "timeout": 60}}
         workflow = {"nodes": [{"id": 4, "type": "Flux2AccelRemoteTextEncode",
                                "widgets_values": list(graph["4"]["inputs"].values())}]}
-        prompt_id = _post(url + "/prompt", {"prompt": graph, "client_id": "flux2-accel-remote-test",
-                                            "extra_data": {"extra_pnginfo": {"workflow": workflow}}})["prompt_id"]
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            history = _get(url + f"/history/{prompt_id}")
-            if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
-                break
-            time.sleep(1)
-        else:
-            pytest.fail(f"prompt did not finish; log:\n{log_path.read_text()[-3000:]}")
-    entry = history[prompt_id]
-    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[-3000:]
+        entry = _run(url, log_path, graph, extra_data={"extra_pnginfo": {"workflow": workflow}})
     assert app[STATS_KEY]["requests"] == 1 and app[STATS_KEY]["refused"] == 0  # ComfyUI sent the token
     image = entry["outputs"]["6"]["images"][0]
     png = (base / "output" / image.get("subfolder", "") / image["filename"]).read_bytes()
     assert b"Flux2AccelRemoteTextEncode" in png  # the workflow and prompt were written into the PNG...
     assert TOKEN.encode() not in png  # ...without the token
-    assert TOKEN not in json.dumps(history) and TOKEN not in log_path.read_text()
+    assert TOKEN not in json.dumps(entry) and TOKEN not in log_path.read_text()
     cached = list((base / "user" / "flux2-accel" / "embeddings").glob("*.safetensors"))
     assert len(cached) == 1 and TOKEN.encode() not in cached[0].read_bytes()

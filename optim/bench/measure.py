@@ -7,11 +7,12 @@ rows' modules resident.
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
 import torch
+
+from ..precision import rel_l2
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -85,33 +86,9 @@ class PeakMemory:
             self.bytes = None if kib is None else max(0, kib * 1024 - self._start)
 
 
-def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of every parameter and buffer, quantized storage and its statistics counted as stored."""
-    try:
-        from ..precision import weight_bytes as precision_weight_bytes
-    except ImportError:
-        precision_weight_bytes = None
-    if precision_weight_bytes is not None:
-        return int(precision_weight_bytes(model))
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if id(t) not in seen:
-            seen.add(id(t))
-            total += t.numel() * t.element_size()
-    return total
-
-
 def latent_deviation(latent: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
     """(max |a - b|, ||a - b|| / ||b||), in float64."""
-    a, b = latent.double(), reference.double()
-    diff = a - b
-    return float(diff.abs().max()), float(diff.norm() / b.norm().clamp(min=1e-30))
-
-
-def psnr(image: torch.Tensor, reference: torch.Tensor) -> float:
-    """PSNR in dB of two IMAGE tensors in 0..1; inf when they are identical."""
-    mse = float(((image.double() - reference.double()) ** 2).mean())
-    return math.inf if mse == 0 else 10.0 * math.log10(1.0 / mse)
+    return float((latent.double() - reference.double()).abs().max()), rel_l2(latent, reference)
 
 
 def median(values: list[float]) -> float:

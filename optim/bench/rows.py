@@ -20,7 +20,8 @@ from typing import Any, Callable
 
 import torch
 
-from .measure import PeakMemory, Stopwatch, latent_deviation, median, psnr, weight_bytes
+from ..precision import psnr, weight_bytes
+from .measure import PeakMemory, Stopwatch, latent_deviation, median
 from .models import SCHEDULER_CONFIG, BenchModel
 
 OK, UNAVAILABLE, ERROR = "ok", "unavailable", "error"
@@ -266,10 +267,8 @@ def _plain(stats: dict) -> dict:
 
 
 def _require_precision(name: str) -> None:
-    try:
-        from ..precision import TRANSFORMER_PRECISIONS, apply_precision  # noqa: F401
-    except ImportError as e:
-        raise Unavailable(f"optim.precision cannot be imported ({e})") from e
+    from ..precision import TRANSFORMER_PRECISIONS
+
     if name not in TRANSFORMER_PRECISIONS:
         raise Unavailable(f"optim.precision does not offer '{name}' yet (it has {', '.join(TRANSFORMER_PRECISIONS)})")
 
@@ -344,12 +343,6 @@ def _replace(obj, **changes):
 
 # ---------------------------------------------------------------- compile
 
-def _dynamo_graphs() -> int:
-    from torch._dynamo.utils import counters
-
-    return int(counters["stats"]["unique_graphs"])
-
-
 class CompileRun(PackRun):
     """Regional compile through the compile feature, timed once compiled.
 
@@ -382,9 +375,11 @@ class CompileRun(PackRun):
             self.run_once()
 
     def timed(self) -> None:
-        before = _dynamo_graphs()
+        from ..compile import graph_count
+
+        before = graph_count()
         super().timed()
-        self.recompiles += _dynamo_graphs() - before
+        self.recompiles += graph_count() - before
 
     def result(self) -> Measured:
         m = super().result()
