@@ -81,7 +81,7 @@ def comfyui(tiny_models, tmp_path_factory):
     log = open(log_path, "w")
     python = os.environ.get("COMFYUI_PYTHON", sys.executable)
     proc = subprocess.Popen(
-        [python, "-u", "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory",
+        [python, "-u", str(ROOT / "tests" / "comfyui_launcher.py"), COMFYUI_DIR, "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory",
          str(base), "--database-url", "sqlite:///:memory:", "--disable-api-nodes"],
         cwd=COMFYUI_DIR, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
     url = f"http://127.0.0.1:{port}"
