@@ -61,6 +61,30 @@ def _write_comfy_lora(transformer_file: Path, path: Path, rank: int = 2) -> None
     save_file(tensors, str(path))
 
 
+BAD_MODEL_FILES = {  # loader input -> (class, file name): each file is broken in its own way
+    "model_name": ("Flux2AccelLoadDiffusionModel", "broken_header.safetensors"),
+    "text_encoder_name": ("Flux2AccelLoadTextEncoder", "not_a_text_encoder.safetensors"),
+    "vae_name": ("Flux2AccelLoadVAE", "truncated_vae.safetensors"),
+}
+
+
+def _write_bad_model_files(models: Path) -> None:
+    """One bad file per loader: a header that is not JSON, a text encoder file holding an unrelated tensor, and a
+    VAE whose data stops short of what its header promises."""
+    import struct
+
+    from safetensors.torch import save_file
+    import torch
+
+    header = b'{"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]'  # cut mid-JSON
+    (models / "diffusion_models" / BAD_MODEL_FILES["model_name"][1]).write_bytes(
+        struct.pack("<Q", len(header)) + header + bytes(8))
+    save_file({"some.other.weight": torch.zeros(4, 4)},
+              str(models / "text_encoders" / BAD_MODEL_FILES["text_encoder_name"][1]))
+    good_vae = (models / "vae" / "tiny_flux2_vae.safetensors").read_bytes()
+    (models / "vae" / BAD_MODEL_FILES["vae_name"][1]).write_bytes(good_vae[: len(good_vae) // 2])
+
+
 @pytest.fixture(scope="module")
 def comfyui(tiny_models, tmp_path_factory):
     base = tmp_path_factory.mktemp("comfy_base")
@@ -76,6 +100,11 @@ def comfyui(tiny_models, tmp_path_factory):
                     models / "text_encoders" / "tiny_mistral_tokenizer")
     (models / "loras").mkdir()
     _write_comfy_lora(tiny_models.files["dev_comfy"], models / "loras" / "tiny_style.safetensors")
+    # A shared model store outside ComfyUI's folders, linked in the way users do: a folder and a file.
+    (models / "diffusers").mkdir()
+    os.symlink(tiny_models.files["dev_folder"], models / "diffusers" / "tiny_dev_linked", target_is_directory=True)
+    os.symlink(tiny_models.files["dev_bfl"], models / "diffusion_models" / "tiny_dev_linked.safetensors")
+    _write_bad_model_files(models)
     port = _free_port()
     log_path = base / "comfyui.log"
     log = open(log_path, "w")
@@ -95,6 +124,7 @@ def comfyui(tiny_models, tmp_path_factory):
                 if proc.poll() is not None or time.time() > deadline:
                     pytest.fail(f"ComfyUI did not start:\n{log_path.read_text()[-3000:]}")
                 time.sleep(1)
+        (base / "comfyui.pid").write_text(str(proc.pid))
         yield url, base, log_path
     finally:
         proc.terminate()
@@ -131,8 +161,9 @@ def _tiny_graph(name: str = "flux2_t2i") -> dict:
     return graph
 
 
-def _run(url, log_path, graph, timeout=240, extra_data=None) -> dict:
-    """Queue `graph` over HTTP, wait for it, and return its history entry (it must have succeeded)."""
+def _run(url, log_path, graph, timeout=240, extra_data=None, expect_success=True) -> dict:
+    """Queue `graph` over HTTP, wait for it, and return its history entry (it must have succeeded, unless
+    `expect_success` is False)."""
     payload = {"prompt": graph, "client_id": "flux2-accel-test", **({"extra_data": extra_data} if extra_data else {})}
     prompt_id = _post(url + "/prompt", payload)["prompt_id"]
     deadline = time.time() + timeout
@@ -144,8 +175,24 @@ def _run(url, log_path, graph, timeout=240, extra_data=None) -> dict:
     else:
         pytest.fail(f"prompt did not finish; log:\n{log_path.read_text()[-3000:]}")
     entry = history[prompt_id]
-    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[-3000:]
+    if expect_success:
+        assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[-3000:]
     return entry
+
+
+def _execution_error(entry: dict) -> dict:
+    """The execution_error message of a failed prompt's history entry."""
+    assert entry["status"]["status_str"] == "error", json.dumps(entry["status"])[-2000:]
+    errors = [data for kind, data in entry["status"]["messages"] if kind == "execution_error"]
+    assert len(errors) == 1, entry["status"]["messages"]
+    return errors[0]
+
+
+def _saved_pixels(base: Path, entry: dict, node: str = "6") -> bytes:
+    from PIL import Image
+
+    saved = entry["outputs"][node]["images"][0]
+    return Image.open(base / "output" / saved.get("subfolder", "") / saved["filename"]).tobytes()
 
 
 def test_fast_workflow_reuses_compiled_code_across_prompts(comfyui):
@@ -206,3 +253,59 @@ def test_lora_stack_strength_change_and_toggle(comfyui):
     assert "36/36" in full_stats  # every key of the file matched
     assert full != plain and half != full
     assert off == plain
+
+
+def test_symlinked_model_folder_and_file_load(comfyui):
+    """A diffusers folder and a single file that are symlinks into a store outside ComfyUI's folders are listed and
+    load (the user placed the links); both hold the same weights as the copied file, so the images match it."""
+    url, base, log_path = comfyui
+    info = _get(url + "/object_info/Flux2AccelLoadDiffusionModel")
+    choices = info["Flux2AccelLoadDiffusionModel"]["input"]["required"]["model_name"][0]
+    assert "[diffusers] tiny_dev_linked" in choices and "tiny_dev_linked.safetensors" in choices
+    images = {}
+    for name in ("tiny_flux2_dev.safetensors", "[diffusers] tiny_dev_linked", "tiny_dev_linked.safetensors"):
+        graph = _tiny_graph()
+        graph["1"]["inputs"].update(model_name=name, precision="bf16", offload="none")
+        graph["5"]["inputs"]["seed"] = 3
+        images[name] = _saved_pixels(base, _run(url, log_path, graph))
+    assert images["[diffusers] tiny_dev_linked"] == images["tiny_flux2_dev.safetensors"]
+    assert images["tiny_dev_linked.safetensors"] == images["tiny_flux2_dev.safetensors"]
+
+
+@pytest.mark.parametrize("loader_input", sorted(BAD_MODEL_FILES))
+def test_bad_model_file_fails_its_prompt_clearly_and_the_next_prompt_works(comfyui, loader_input):
+    """Each loader, given a broken file: the prompt fails with the pack's error type and a message naming the file,
+    no traceback of ours reaches the log as an unexpected error, and a good prompt right after still works."""
+    url, base, log_path = comfyui
+    class_type, bad_name = BAD_MODEL_FILES[loader_input]
+    graph = _tiny_graph()
+    node = next(k for k, v in graph.items() if v["class_type"] == class_type)
+    graph[node]["inputs"][loader_input] = bad_name
+    error = _execution_error(_run(url, log_path, graph, expect_success=False))
+    assert error["node_type"] == class_type or error["node_id"] in graph, error
+    assert error["exception_type"].rsplit(".", 1)[-1] in ("ModelFileError", "InputError", "Flux2AccelError"), error
+    assert bad_name in error["exception_message"], error["exception_message"]
+    _run(url, log_path, _tiny_graph())
+
+
+def _rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_thirty_prompts_do_not_grow_the_server(comfyui):
+    """30 prompts with varied seeds after a warm-up: the server's resident memory grows less than 5%."""
+    url, base, log_path = comfyui
+    pid = int((base / "comfyui.pid").read_text())
+    graph = _tiny_graph()
+    for seed in range(3):  # warm-up: loads, first allocations, allocator pools
+        graph["5"]["inputs"]["seed"] = seed
+        _run(url, log_path, graph)
+    before = _rss_bytes(pid)
+    for seed in range(100, 130):
+        graph["5"]["inputs"]["seed"] = seed
+        _run(url, log_path, graph)
+    after = _rss_bytes(pid)
+    assert after < before * 1.05, f"RSS grew from {before / 2**20:.1f} MiB to {after / 2**20:.1f} MiB"
