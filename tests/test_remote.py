@@ -793,7 +793,8 @@ def test_server_drops_a_request_whose_body_never_comes(text_encoder):
 
 def test_server_refuses_deeply_nested_json_without_a_traceback(our_server, caplog):
     caplog.set_level(logging.DEBUG)
-    for body, depth in ((b"[" * 100_000, 100_000), (b'{"prompt": ' + b"[" * 50_000 + b"]" * 50_000 + b"}", 50_001)):
+    nested_prompt = b'{"prompt": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"
+    for body, depth in ((b"[" * 100_000, 100_000), (nested_prompt, 50_001)):
         request = urllib.request.Request(our_server.url, data=body, headers={"Authorization": f"Bearer {TOKEN}"})
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(request, timeout=30)

@@ -130,7 +130,7 @@ def validate_url(url: str, field_name: str = "endpoint_url") -> str:
     if not isinstance(url, str):
         raise InputError(f"{field_name} must be a URL string such as {PUBLIC_URL}; got {type(url).__name__}.")
     if re.search(r"[\x00-\x20\x7f]", url):
-        raise InputError(f"{field_name} '{safe_url(url)!r}' contains spaces or control characters; give a URL such as "
+        raise InputError(f"{field_name} {safe_url(url)!r} contains spaces or control characters; give a URL such as "
                          f"{PUBLIC_URL}.")
     try:
         parts = urlsplit(url)
