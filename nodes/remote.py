@@ -1,8 +1,9 @@
 """Prompt encoding on a remote text encoder (the public FLUX.2 endpoint or `flux2-accel serve-text-encoder`).
 
 The token is read when the node runs, from the FLUX2_ACCEL_REMOTE_TOKEN environment variable or the ComfyUI user
-setting "flux2accel.remote_token" (Hugging Face tokens only for Hugging Face hosts); it is never a widget, so it never
-lands in the workflow or the PNG metadata.
+setting "flux2accel.remote_token" (HF_TOKEN only for the official endpoint and listed hosts); it is never a widget,
+so it never lands in the workflow or the PNG metadata. It goes only to the official endpoint's host and to hosts
+listed in FLUX2_ACCEL_REMOTE_HOSTS or the ComfyUI setting "flux2accel.remote_hosts" (see optim/remote/client.py).
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from __future__ import annotations
 import os
 
 from ..optim.errors import InputError, Interrupted
-from ..optim.remote.client import RemoteEncoderConfig, RemoteTextEncoder, resolve_token
+from ..optim.remote.client import (RemoteEncoderConfig, RemoteTextEncoder, listed_hosts, resolve_token,
+                                   validate_url)
 from ..optim.remote.embedding_cache import DEFAULT_MAX_BYTES, EmbeddingCache
 from ..optim.remote.protocol import PUBLIC_URL
 from . import comfy_services
@@ -28,7 +30,8 @@ EXPECTATIONS = {
 
 
 def settings_file() -> str | None:
-    """ComfyUI's settings file for the default user, where the UI stores "flux2accel.remote_token"."""
+    """ComfyUI's settings file for the default user, where the UI stores "flux2accel.remote_token" and
+    "flux2accel.remote_hosts"."""
     user_dir = comfy_services.user_directory()
     return os.path.join(user_dir, "default", "comfy.settings.json") if user_dir else None
 
@@ -48,9 +51,12 @@ def remote_encoder(endpoint_url: str, expects: str, use_cache: bool, timeout: fl
     if expects not in EXPECTATIONS:
         raise InputError(f"expects '{expects}' is not one of: {', '.join(EXPECTATIONS)}.")
     width, family = EXPECTATIONS[expects]
-    token, source = resolve_token(endpoint_url, settings_file())
+    endpoint_url = validate_url(endpoint_url, "endpoint_url")
+    settings = settings_file()
+    hosts = listed_hosts(settings)
+    token, source = resolve_token(endpoint_url, settings, allowed_hosts=hosts)
     config = RemoteEncoderConfig(url=endpoint_url, token=token, token_source=source, read_timeout=float(timeout),
-                                 expected_width=width, family=family)
+                                 expected_width=width, family=family, allowed_hosts=hosts)
     return RemoteTextEncoder(config, embedding_cache(use_cache))
 
 
@@ -63,7 +69,9 @@ class Flux2AccelRemoteTextEncode:
             "endpoint_url": ("STRING", {"default": PUBLIC_URL, "tooltip": (
                 "The remote text encoder: the public FLUX.2 [dev] endpoint, or http://host:port/predict of a "
                 "'flux2-accel serve-text-encoder'. The token comes from the FLUX2_ACCEL_REMOTE_TOKEN environment "
-                "variable or the ComfyUI setting flux2accel.remote_token, never from this field.")}),
+                "variable or the ComfyUI setting flux2accel.remote_token, never from this field, and goes only to "
+                "the default endpoint's host and hosts listed in FLUX2_ACCEL_REMOTE_HOSTS or the setting "
+                "flux2accel.remote_hosts.")}),
             "expects": (list(EXPECTATIONS), {"default": next(iter(EXPECTATIONS)), "tooltip": (
                 "The model you sample with: the reply's embedding width must match it. 'any' skips this check and "
                 "leaves it to the sampler.")}),
@@ -71,8 +79,8 @@ class Flux2AccelRemoteTextEncode:
                 "Keep embeddings on disk, keyed by prompt and endpoint, so a repeated prompt sends no request. "
                 f"Folder: ${CACHE_DIR_ENV}; size bound: ${CACHE_MB_ENV} (default 2048 MB).")}),
             "timeout": ("INT", {"default": 120, "min": 5, "max": 3600, "step": 1, "tooltip": (
-                "Seconds to wait for the server's reply before giving up (busy servers answer 429/5xx, which are "
-                "retried with backoff).")}),
+                "Seconds the server has to send its whole reply, per attempt, before the call gives up (busy "
+                "servers answer 429/5xx, which are retried with backoff).")}),
         }}
 
     RETURN_TYPES = ("FLUX2_CONDITIONING",)

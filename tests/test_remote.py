@@ -6,12 +6,15 @@ Failure modes are played by small fake aiohttp servers; every loop and wait in h
 from __future__ import annotations
 
 import asyncio
+import errno
+import http.client
 import io
 import json
 import logging
 import os
 import socket
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -21,8 +24,10 @@ from aiohttp import web
 
 from flux2_accel.optim import tiny
 from flux2_accel.optim.errors import InputError, Interrupted
+from flux2_accel.optim.remote import client as client_module
 from flux2_accel.optim.remote.client import (RemoteAuthError, RemoteEncoderConfig, RemoteEncoderError,
-                                             RemoteTextEncoder, RetryPolicy, resolve_token)
+                                             RemoteTextEncoder, RetryPolicy, TokenNotAllowedError, resolve_token,
+                                             safe_url)
 from flux2_accel.optim.remote.embedding_cache import EmbeddingCache
 from flux2_accel.optim.remote.protocol import PUBLIC_URL, TORCH_TYPE, decode_tensor, encode_tensor
 from flux2_accel.optim.remote.server import STATS_KEY, create_app
@@ -108,6 +113,7 @@ def status_reply(status, text="", headers=None):
 def client(url, expected_width=WIDTH, cache=None, **config) -> RemoteTextEncoder:
     config.setdefault("retry", FAST_RETRY)
     config.setdefault("token", TOKEN)
+    config.setdefault("allowed_hosts", ("127.0.0.1",))  # as a user lists the loopback server the token is for
     return RemoteTextEncoder(RemoteEncoderConfig(url=url, expected_width=expected_width, **config), cache)
 
 
@@ -284,7 +290,7 @@ def test_read_timeout():
         return await tensor_reply(torch.zeros(1, 512, WIDTH))(request)
 
     with fake_server(slow) as server:
-        with pytest.raises(RemoteEncoderError, match=r"did not answer within 0.3 s \(read timeout\)"):
+        with pytest.raises(RemoteEncoderError, match=r"did not send its whole reply within 0.3 s \(read timeout\)"):
             client(server.url, read_timeout=0.3).encode("a cat")
         assert len(server.app[SEEN]) == 1  # a timed-out request is not sent again
 
@@ -370,6 +376,7 @@ def test_width_mismatch_is_caught_by_the_node_or_by_the_sampler(our_server, monk
     from flux2_accel.nodes.remote import Flux2AccelRemoteTextEncode
 
     monkeypatch.setenv("FLUX2_ACCEL_REMOTE_TOKEN", TOKEN)
+    monkeypatch.setenv("FLUX2_ACCEL_REMOTE_HOSTS", "127.0.0.1")
     monkeypatch.setenv("FLUX2_ACCEL_EMBEDDING_CACHE_DIR", str(tmp_path))
     node = Flux2AccelRemoteTextEncode()
     with pytest.raises(RemoteEncoderError, match=r"shape \(1, 512, 96\).*expects width 15360, shape \[1, 512, 15360\]"):
@@ -452,6 +459,7 @@ def test_token_never_lands_in_workflow_metadata_outputs_or_logs(our_server, monk
     from flux2_accel.nodes.remote import Flux2AccelRemoteTextEncode, remote_encoder
 
     monkeypatch.setenv("FLUX2_ACCEL_REMOTE_TOKEN", TOKEN)
+    monkeypatch.setenv("FLUX2_ACCEL_REMOTE_HOSTS", "127.0.0.1")
     monkeypatch.setenv("FLUX2_ACCEL_EMBEDDING_CACHE_DIR", str(tmp_path / "cache"))
     caplog.set_level(logging.DEBUG)
     node = Flux2AccelRemoteTextEncode()
@@ -505,30 +513,296 @@ def test_token_is_masked_in_errors_even_when_the_server_echoes_it(caplog):
 def test_token_sources(tmp_path, monkeypatch):
     settings = tmp_path / "default" / "comfy.settings.json"
     settings.parent.mkdir()
-    settings.write_text(json.dumps({"flux2accel.remote_token": "from-settings"}))
+    settings.write_text(json.dumps({"flux2accel.remote_token": "from-settings",
+                                    "flux2accel.remote_hosts": "127.0.0.1:8199"}))
     local = "http://127.0.0.1:8199/predict"
     assert resolve_token(local, settings, {"FLUX2_ACCEL_REMOTE_TOKEN": "from-env"}) == (
         "from-env", "FLUX2_ACCEL_REMOTE_TOKEN")
     assert resolve_token(local, settings, {"HF_TOKEN": "hf"}) == (
         "from-settings", "ComfyUI setting flux2accel.remote_token")
-    # A Hugging Face token goes to Hugging Face hosts only.
+    # A Hugging Face token goes to the official endpoint's host and listed hosts only.
     assert resolve_token(local, None, {"HF_TOKEN": "hf"}) == (None, "")
+    assert resolve_token("https://evil.hf.space/predict", None, {"HF_TOKEN": "hf"}) == (None, "")
     assert resolve_token(PUBLIC_URL, None, {"HF_TOKEN": "hf"}) == ("hf", "HF_TOKEN")
+    assert resolve_token(local, None, {"HF_TOKEN": "hf"}, allowed_hosts=("127.0.0.1",)) == ("hf", "HF_TOKEN")
 
     from flux2_accel.nodes import comfy_services, remote
 
     monkeypatch.setattr(comfy_services, "user_directory", lambda: str(tmp_path))
     monkeypatch.delenv("FLUX2_ACCEL_REMOTE_TOKEN", raising=False)
     monkeypatch.setenv("FLUX2_ACCEL_EMBEDDING_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("FLUX2_ACCEL_REMOTE_HOSTS", raising=False)
     encoder = remote.remote_encoder(local, "any (the sampler checks)", True, 30)
-    assert encoder.config.token == "from-settings"
+    assert encoder.config.token == "from-settings" and encoder.config.allowed_hosts == ("127.0.0.1:8199",)
 
 
-def test_credentials_in_the_url_are_refused():
-    with pytest.raises(InputError, match="must not contain credentials"):
-        client("http://user:pw@127.0.0.1:1/predict")
-    with pytest.raises(InputError, match="http:// or https://"):
-        client("ftp://127.0.0.1/predict")
+# ---------------------------------------------------------------- tokens go only to the hosts they are bound to
+
+OFFICIAL_HOST = "remote-text-encoder-flux-2.huggingface.co"
+
+
+@pytest.fixture()
+def resolve_to_loopback(monkeypatch):
+    """Makes foreign host names resolve to 127.0.0.1 (and a given port) for this test only; others resolve as usual.
+
+    With `tls_on_loopback=True`, https:// goes over plain TCP to the loopback server, standing in for TLS.
+    """
+    real = socket.getaddrinfo
+
+    def install(names: dict[str, int], tls_on_loopback: bool = False):
+        def getaddrinfo(host, port, *args, **kwargs):
+            if isinstance(host, str) and host.lower() in names:
+                return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "",
+                         ("127.0.0.1", names[host.lower()]))]
+            return real(host, port, *args, **kwargs)
+
+        monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+        if tls_on_loopback:
+            monkeypatch.setitem(client_module.CONNECTION_CLASSES, "https", http.client.HTTPConnection)
+
+    return install
+
+
+@pytest.fixture()
+def node_env(monkeypatch, tmp_path):
+    """The node outside ComfyUI with no token, hosts or settings of the machine: each test sets its own."""
+    from flux2_accel.nodes import comfy_services
+
+    for name in ("FLUX2_ACCEL_REMOTE_TOKEN", "FLUX2_ACCEL_REMOTE_HOSTS", "HF_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HUB_DISABLE_IMPLICIT_TOKEN", "1")
+    monkeypatch.setattr("huggingface_hub.get_token", lambda: None)  # no token that `hf auth login` stored
+    monkeypatch.setattr(comfy_services, "user_directory", lambda: str(tmp_path / "user"))
+    monkeypatch.setenv("FLUX2_ACCEL_EMBEDDING_CACHE_DIR", str(tmp_path / "cache"))
+
+    def settings(**values):
+        path = tmp_path / "user" / "default" / "comfy.settings.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(values))
+
+    return settings
+
+
+def node_encode(url, prompt="a cat"):
+    from flux2_accel.nodes.remote import remote_encoder
+
+    encoder = remote_encoder(url, "any (the sampler checks)", False, 30)
+    return encoder.encode(prompt)
+
+
+def authorizations(server) -> list:
+    return [seen["headers"].get("Authorization") for seen in server.app[SEEN]]
+
+
+EMBEDS = torch.randn(1, 512, WIDTH)
+
+
+def test_pack_token_goes_only_to_a_listed_host(node_env, resolve_to_loopback, monkeypatch):
+    monkeypatch.setenv("FLUX2_ACCEL_REMOTE_TOKEN", TOKEN)
+    with fake_server(tensor_reply(EMBEDS)) as server:
+        resolve_to_loopback({"encoder.example.com": server.port})
+        url = f"http://encoder.example.com:{server.port}/predict"
+        with pytest.raises(TokenNotAllowedError, match=r"endpoint_url 'http://encoder.example.com:\d+/predict'.*"
+                                                       r"only sent to remote-text-encoder-flux-2.huggingface.co.*"
+                                                       r"FLUX2_ACCEL_REMOTE_HOSTS.*'flux2accel.remote_hosts'"):
+            node_encode(url)
+        assert authorizations(server) == []  # refused before anything was sent
+        monkeypatch.setenv("FLUX2_ACCEL_REMOTE_HOSTS", "other.example.com, encoder.example.com:1")  # wrong port
+        with pytest.raises(TokenNotAllowedError, match="FLUX2_ACCEL_REMOTE_HOSTS"):
+            node_encode(url)
+        monkeypatch.setenv("FLUX2_ACCEL_REMOTE_HOSTS", f"other.example.com, Encoder.Example.com:{server.port}")
+        assert torch.equal(node_encode(url).prompt_embeds, EMBEDS)
+        assert authorizations(server) == [f"Bearer {TOKEN}"]
+
+
+def test_hosts_and_token_from_the_comfyui_settings(node_env, resolve_to_loopback):
+    with fake_server(tensor_reply(EMBEDS)) as server:
+        resolve_to_loopback({"encoder.example.com": server.port})
+        url = f"http://encoder.example.com:{server.port}/predict"
+        node_env(**{"flux2accel.remote_token": TOKEN})
+        with pytest.raises(TokenNotAllowedError, match=r"from ComfyUI setting flux2accel.remote_token.*"
+                                                       r"'flux2accel.remote_hosts'"):
+            node_encode(url)
+        node_env(**{"flux2accel.remote_token": TOKEN, "flux2accel.remote_hosts": ["encoder.example.com"]})
+        node_encode(url)
+        assert authorizations(server) == [f"Bearer {TOKEN}"]
+
+
+def test_hf_token_goes_only_to_the_official_host_or_a_listed_one(node_env, resolve_to_loopback, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_S3CRET")
+    with fake_server(tensor_reply(EMBEDS)) as server:
+        resolve_to_loopback({"evil.hf.space": server.port, OFFICIAL_HOST: server.port}, tls_on_loopback=True)
+        # Anyone can host a *.hf.space: it gets the request (the user chose the endpoint), not the token.
+        node_encode("https://evil.hf.space/predict")
+        node_encode(PUBLIC_URL)  # the official endpoint does get it
+        monkeypatch.setenv("FLUX2_ACCEL_REMOTE_HOSTS", "evil.hf.space")
+        node_encode("https://evil.hf.space/predict", prompt="listed now")
+        assert authorizations(server) == [None, "Bearer hf_S3CRET", "Bearer hf_S3CRET"]
+
+
+def test_no_token_over_plain_http_unless_the_host_is_listed(node_env, resolve_to_loopback, monkeypatch):
+    monkeypatch.setenv("FLUX2_ACCEL_REMOTE_TOKEN", TOKEN)
+    with fake_server(tensor_reply(EMBEDS)) as server:
+        resolve_to_loopback({OFFICIAL_HOST: server.port})
+        url = f"http://{OFFICIAL_HOST}:{server.port}/predict"  # the bound host, but unencrypted
+        with pytest.raises(TokenNotAllowedError, match=r"is plain http.*Use https://, or list the host in the "
+                                                       r"FLUX2_ACCEL_REMOTE_HOSTS .*'flux2accel.remote_hosts'"):
+            node_encode(url)
+        assert authorizations(server) == []
+        monkeypatch.setenv("FLUX2_ACCEL_REMOTE_HOSTS", OFFICIAL_HOST)
+        node_encode(url)
+        assert authorizations(server) == [f"Bearer {TOKEN}"]
+
+
+def test_without_any_token_a_request_goes_anywhere_and_a_401_says_what_to_set(node_env, resolve_to_loopback):
+    with fake_server(tensor_reply(EMBEDS), status_reply(401)) as server:
+        resolve_to_loopback({"encoder.example.com": server.port})
+        url = f"http://encoder.example.com:{server.port}/predict"
+        assert torch.equal(node_encode(url).prompt_embeds, EMBEDS)  # e.g. a --no-auth server
+        with pytest.raises(RemoteAuthError, match=r"none is set for it.*FLUX2_ACCEL_REMOTE_TOKEN.*"
+                                                  r"FLUX2_ACCEL_REMOTE_HOSTS.*flux2accel.remote_hosts"):
+            node_encode(url, prompt="another")
+        assert authorizations(server) == [None, None]
+
+
+# ---------------------------------------------------------------- bad input: a pack error naming the field or setting
+
+
+@pytest.mark.parametrize("url, env, settings, error, message", [
+    ("http://127.0.0.1:99999/predict", {}, {}, InputError, r"endpoint_url 'http://127.0.0.1:99999/predict' is not a "
+                                                           r"valid URL \(Port out of range"),
+    ("http://[::1", {}, {}, InputError, r"endpoint_url 'http://\[::1' is not a valid URL \(Invalid IPv6 URL\)"),
+    ("http://127.0.0.1:abc/predict", {}, {}, InputError, r"endpoint_url .* not a valid URL \(Port could not be cast"),
+    ("http://u:pw@127.0.0.1:99999/p?key=v", {}, {}, InputError, r"endpoint_url 'http://127.0.0.1:99999/p' is not"),
+    ("ftp://127.0.0.1/predict", {}, {}, InputError, r"endpoint_url must be an http:// or https:// URL"),
+    ("", {}, {}, InputError, r"endpoint_url must be an http:// or https:// URL"),
+    ("http://exa mple.com/predict", {}, {}, InputError, r"endpoint_url .* contains spaces or control characters"),
+    ("http://user:pw@127.0.0.1:1/predict", {}, {}, InputError, r"endpoint_url must not contain credentials"),
+    (PUBLIC_URL, {"FLUX2_ACCEL_REMOTE_HOSTS": "host:abc"}, {}, InputError,
+     r"FLUX2_ACCEL_REMOTE_HOSTS environment variable: 'host:abc' is not a host or host:port"),
+    (PUBLIC_URL, {"FLUX2_ACCEL_REMOTE_HOSTS": "https://host/predict"}, {}, InputError,
+     r"FLUX2_ACCEL_REMOTE_HOSTS environment variable: 'https://host/predict' is not a host.*not a URL"),
+    (PUBLIC_URL, {}, {"flux2accel.remote_hosts": "ok.example.com, bad:99999"}, InputError,
+     r"ComfyUI setting 'flux2accel.remote_hosts': 'bad:99999' is not a host or host:port"),
+    (PUBLIC_URL, {}, {"flux2accel.remote_hosts": 8199}, InputError,
+     r"ComfyUI setting 'flux2accel.remote_hosts' must be a comma-separated list of hosts"),
+    ("https://encoder.example.com/predict", {"FLUX2_ACCEL_REMOTE_TOKEN": TOKEN}, {}, TokenNotAllowedError,
+     r"from FLUX2_ACCEL_REMOTE_TOKEN\) is only sent to .*FLUX2_ACCEL_REMOTE_HOSTS.*'flux2accel.remote_hosts'"),
+    ("http://127.0.0.1:8199/predict", {}, {"flux2accel.remote_token": TOKEN}, TokenNotAllowedError,
+     r"endpoint_url 'http://127.0.0.1:8199/predict'.*FLUX2_ACCEL_REMOTE_HOSTS.*'flux2accel.remote_hosts'"),
+    (f"http://{OFFICIAL_HOST}/predict", {"FLUX2_ACCEL_REMOTE_TOKEN": TOKEN}, {}, TokenNotAllowedError,
+     r"is plain http.*FLUX2_ACCEL_REMOTE_HOSTS.*'flux2accel.remote_hosts'"),
+])
+def test_bad_input_names_the_field_or_setting(node_env, monkeypatch, url, env, settings, error, message):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    node_env(**settings)
+    with pytest.raises(error, match=message) as err:
+        node_encode(url)
+    assert TOKEN not in str(err.value) and "pw" not in str(err.value)
+    assert isinstance(err.value, InputError)  # a pack error about what the user set, not a raw ValueError
+    safe_url(url)  # the error path's own helper never fails
+
+
+def test_bad_endpoint_url_is_refused_by_the_library_too():
+    for url in ("http://127.0.0.1:99999/predict", "http://[::1", "http://127.0.0.1:abc/predict"):
+        with pytest.raises(InputError, match="endpoint_url .* is not a valid URL"):
+            client(url)
+
+
+# ---------------------------------------------------------------- replies, deadlines, cache, server limits
+
+
+def _one_inf() -> torch.Tensor:
+    reply = torch.zeros(1, 512, WIDTH)
+    reply[0, 3, 5] = float("inf")
+    return reply
+
+
+@pytest.mark.parametrize("reply, counts", [
+    (torch.full((1, 512, WIDTH), float("nan")), f"{512 * WIDTH} NaN, 0 Inf"),
+    (_one_inf(), "0 NaN, 1 Inf"),
+])
+def test_non_finite_reply_is_refused(reply, counts, tmp_path):
+    cache = EmbeddingCache(tmp_path / "cache")
+    with fake_server(tensor_reply(reply.to(torch.bfloat16))) as server:
+        url = server.url + "?sig=QUERYSECRET"
+        with pytest.raises(RemoteEncoderError) as err:
+            client(url, cache=cache).encode("a cat")
+    message = str(err.value)
+    assert message.startswith(f"{server.url} returned embeddings with non-finite values ({counts} of ")
+    assert "QUERYSECRET" not in message and len(cache) == 0
+
+
+def test_a_slow_drip_reply_fails_at_the_overall_deadline():
+    async def drip(request):
+        response = web.StreamResponse(headers={"Content-Length": "1000", "Content-Type": "application/octet-stream"})
+        await response.prepare(request)
+        for _ in range(1000):  # one byte every 0.2 s: each read is quick, the whole reply takes 200 s
+            await response.write(b"x")
+            await asyncio.sleep(0.2)
+        return response
+
+    with fake_server(drip) as server:
+        started = time.monotonic()
+        with pytest.raises(RemoteEncoderError, match=r"did not send its whole reply within 1 s \(read timeout\)"):
+            client(server.url, read_timeout=1).encode("a cat")
+        assert time.monotonic() - started < 4  # a behaviour bound (per-read timeouts alone would take 200 s)
+        assert len(server.app[SEEN]) == 1  # not retried
+
+
+def _fill_disk(self, path, data):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("how", ["parent is a file", "disk full"])
+def test_unwritable_cache_warns_once_and_encoding_goes_on(node_env, monkeypatch, tmp_path, caplog, how):
+    monkeypatch.setenv("FLUX2_ACCEL_REMOTE_HOSTS", "127.0.0.1")
+    if how == "parent is a file":
+        (tmp_path / "a_file").write_text("")
+        monkeypatch.setenv("FLUX2_ACCEL_EMBEDDING_CACHE_DIR", str(tmp_path / "a_file" / "embeddings"))
+    else:
+        monkeypatch.setattr(EmbeddingCache, "_write", _fill_disk)
+    from flux2_accel.nodes.remote import Flux2AccelRemoteTextEncode
+
+    caplog.set_level(logging.WARNING, logger="flux2_accel")
+    node = Flux2AccelRemoteTextEncode()
+    with fake_server(tensor_reply(EMBEDS)) as server:
+        for _ in range(2):
+            (cond,) = node.encode("a cat", server.url, "any (the sampler checks)", True, 30)
+            assert torch.equal(cond.prompt_embeds, EMBEDS)
+        assert len(server.app[SEEN]) == 2  # nothing was cached, both calls asked the server
+    warnings = [r for r in caplog.records if "embedding cache folder" in r.getMessage()]
+    assert len(warnings) == 1 and "cannot be written" in warnings[0].getMessage()
+    assert ("No space left" in warnings[0].getMessage()) == (how == "disk full")
+
+
+def test_server_drops_a_request_whose_body_never_comes(text_encoder):
+    app = create_app(text_encoder, token=TOKEN, body_timeout_s=0.5)
+    with LoopbackServer(app) as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer " + TOKEN.encode()
+                         + b"\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"prompt\": ")
+            received = b""
+            while chunk := sock.recv(65536):  # ends when the server closes the connection (timeout 10 s otherwise)
+                received += chunk
+        assert received.startswith(b"HTTP/1.1 408 ")
+        assert b"did not arrive within 0.5 s" in received
+        assert app[STATS_KEY]["timed_out"] == 1 and app[STATS_KEY]["batches"] == 0
+
+
+def test_server_refuses_deeply_nested_json_without_a_traceback(our_server, caplog):
+    caplog.set_level(logging.DEBUG)
+    nested_prompt = b'{"prompt": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"
+    for body, depth in ((b"[" * 100_000, 100_000), (nested_prompt, 50_001)):
+        request = urllib.request.Request(our_server.url, data=body, headers={"Authorization": f"Bearer {TOKEN}"})
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(request, timeout=30)
+        assert err.value.code == 400
+        assert json.loads(err.value.read())["error"].startswith(
+            f"bad request: the JSON body nests {depth} levels deep; at most 8 are accepted")
+    assert "Traceback" not in caplog.text and "RecursionError" not in caplog.text
+    assert our_server.app[STATS_KEY]["batches"] == 0
 
 
 def test_node_is_registered_with_tooltips():
@@ -548,13 +822,15 @@ def test_node_is_registered_with_tooltips():
 @pytest.fixture(scope="module")
 def token_in_environment():
     """The token as a user sets it: in the environment ComfyUI starts with (requested before `comfyui`)."""
-    previous = os.environ.get("FLUX2_ACCEL_REMOTE_TOKEN")
-    os.environ["FLUX2_ACCEL_REMOTE_TOKEN"] = TOKEN
+    names = ("FLUX2_ACCEL_REMOTE_TOKEN", "FLUX2_ACCEL_REMOTE_HOSTS")
+    previous = {name: os.environ.get(name) for name in names}
+    os.environ.update({"FLUX2_ACCEL_REMOTE_TOKEN": TOKEN, "FLUX2_ACCEL_REMOTE_HOSTS": "127.0.0.1"})
     yield
-    if previous is None:
-        os.environ.pop("FLUX2_ACCEL_REMOTE_TOKEN", None)
-    else:
-        os.environ["FLUX2_ACCEL_REMOTE_TOKEN"] = previous
+    for name, value in previous.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 if os.environ.get("COMFYUI_DIR"):

@@ -4,10 +4,10 @@ The server (`server.py`, aiohttp) is imported on demand so the client stays depe
 """
 
 from .client import (RemoteAuthError, RemoteEncoderConfig, RemoteEncoderError, RemoteTextEncoder, RetryPolicy,
-                     resolve_token, token_from_settings_file)
+                     TokenNotAllowedError, listed_hosts, resolve_token, token_from_settings_file)
 from .embedding_cache import EmbeddingCache
 from .protocol import PUBLIC_URL, decode_tensor, encode_tensor
 
 __all__ = ["PUBLIC_URL", "EmbeddingCache", "RemoteAuthError", "RemoteEncoderConfig", "RemoteEncoderError",
-           "RemoteTextEncoder", "RetryPolicy", "decode_tensor", "encode_tensor", "resolve_token",
-           "token_from_settings_file"]
+           "RemoteTextEncoder", "RetryPolicy", "TokenNotAllowedError", "decode_tensor", "encode_tensor",
+           "listed_hosts", "resolve_token", "token_from_settings_file"]

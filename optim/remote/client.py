@@ -2,7 +2,20 @@
 
 The request runs on a worker thread over the standard library's http.client so that the caller can keep polling for
 an interrupt and abort the socket mid-request. Connection failures, 429 and 5xx replies are retried with exponential
-backoff (bounded); a read timeout, an auth failure or any other 4xx ends the call at once with a clear message.
+backoff (bounded); a timeout, an auth failure or any other 4xx ends the call at once with a clear message.
+
+Deadlines are per attempt and cover the whole exchange: `connect_timeout` bounds name resolution, TCP and TLS set-up;
+then `read_timeout` bounds sending the request AND receiving the entire reply, so a server that drips one byte at a
+time cannot hold a call past it. A call makes at most `retry.max_attempts` attempts with bounded backoff in between.
+
+A token is bound to hosts. It is sent only to the default endpoint's host (PUBLIC_URL) or to a host the user listed
+in FLUX2_ACCEL_REMOTE_HOSTS or the ComfyUI setting "flux2accel.remote_hosts" (never a widget, so a shared workflow
+cannot add one), and over plain http only to a listed host. A pack token (FLUX2_ACCEL_REMOTE_TOKEN or the setting
+"flux2accel.remote_token") aimed at any other host is refused with an error before anything is sent: the user set
+it for this pack, so dropping it silently would turn into a confusing 401, or send the prompt somewhere the user did
+not mean. A Hugging Face token (HF_TOKEN, `hf auth login`) is a general credential the pack only borrows for the
+official endpoint and listed hosts; elsewhere it is simply not used and the request goes without a token, which is
+what a no-auth server wants. Without any token, requests go unauthenticated to whatever endpoint is set.
 
 The token never leaves this module except in the Authorization header: it is not part of the config's repr, the
 conditioning, the cache key, or any message (replies are masked before they are quoted).
@@ -36,6 +49,9 @@ log = logging.getLogger("flux2_accel")
 TOKEN_ENV = "FLUX2_ACCEL_REMOTE_TOKEN"
 HF_TOKEN_ENV = "HF_TOKEN"
 SETTINGS_TOKEN_ID = "flux2accel.remote_token"
+HOSTS_ENV = "FLUX2_ACCEL_REMOTE_HOSTS"
+SETTINGS_HOSTS_ID = "flux2accel.remote_hosts"
+DEFAULT_HOST = urlsplit(PUBLIC_URL).hostname  # the official FLUX.2 remote text encoder
 # Widths of the FLUX.2 family's conditioning: Mistral 3 for [dev], Qwen3 for [klein] 9B and 4B.
 FAMILY_BY_WIDTH = {15360: "mistral", 12288: "qwen3", 7680: "qwen3"}
 MAX_REPLY_BYTES_PER_PROMPT = 64 * 1024**2  # [1, 512, 15360] is 31 MiB in float32
@@ -49,6 +65,10 @@ class RemoteEncoderError(Flux2AccelError):
 
 class RemoteAuthError(RemoteEncoderError):
     """The endpoint refused the token (HTTP 401/403)."""
+
+
+class TokenNotAllowedError(InputError):
+    """A token would go to a host it is not bound to, or over plain http to a host not listed."""
 
 
 # ---------------------------------------------------------------- configuration
@@ -80,36 +100,51 @@ class RemoteEncoderConfig:
     retry: RetryPolicy = RetryPolicy()
     expected_width: int | None = None  # None: accept any width; the sampler checks it against the model
     family: str | None = None  # None: inferred from the width
+    # Hosts the user listed (FLUX2_ACCEL_REMOTE_HOSTS / flux2accel.remote_hosts): "host" or "host:port" entries.
+    allowed_hosts: tuple[str, ...] = ()
 
 
 def safe_url(url: str) -> str:
-    """`url` without credentials or query string: the form that may appear in messages and identities."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{host}{port}{parts.path}"
+    """`url` without credentials or query string: the form that may appear in messages and identities.
+
+    Never raises, even for a URL that urlsplit cannot read (it is used on the error path of such URLs too).
+    """
+    url = str(url)
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"
+        port = f":{parts.port}" if parts.port else ""
+        return f"{parts.scheme}://{host}{port}{parts.path}"
+    except ValueError:  # a bad port or bracket: keep the text, minus credentials, query and fragment
+        scheme, sep, rest = url.partition("://")
+        rest = re.split(r"[?#]", rest if sep else url, maxsplit=1)[0]
+        netloc, slash, path = rest.partition("/")
+        netloc = netloc.rpartition("@")[2]
+        return f"{scheme}{sep}{netloc}{slash}{path}"[:200]
 
 
 def validate_url(url: str, field_name: str = "endpoint_url") -> str:
-    url = (url or "").strip()
+    url = (url or "").strip() if isinstance(url, str) else url
+    if not isinstance(url, str):
+        raise InputError(f"{field_name} must be a URL string such as {PUBLIC_URL}; got {type(url).__name__}.")
+    if re.search(r"[\x00-\x20\x7f]", url):
+        raise InputError(f"{field_name} {safe_url(url)!r} contains spaces or control characters; give a URL such as "
+                         f"{PUBLIC_URL}.")
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError for a bad port
     except ValueError as e:
-        raise InputError(f"{field_name} '{safe_url(url)}' is not a valid URL ({e}).") from e
+        raise InputError(f"{field_name} '{safe_url(url)}' is not a valid URL ({e}); give one such as "
+                         f"{PUBLIC_URL} or http://host:8199/predict.") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise InputError(f"{field_name} must be an http:// or https:// URL such as {PUBLIC_URL}; got '{url[:200]}'.")
+        raise InputError(f"{field_name} must be an http:// or https:// URL such as {PUBLIC_URL}; "
+                         f"got '{safe_url(url)}'.")
     if parts.username or parts.password:
         raise InputError(f"{field_name} must not contain credentials: they would be saved in the workflow. Set the "
                          f"token in the {TOKEN_ENV} environment variable or the ComfyUI setting '{SETTINGS_TOKEN_ID}'.")
     return url
-
-
-def _is_huggingface(url: str) -> bool:
-    host = (urlsplit(url).hostname or "").lower()
-    return host == "huggingface.co" or host.endswith(".huggingface.co") or host.endswith(".hf.space")
 
 
 def _is_loopback(host: str) -> bool:
@@ -121,25 +156,119 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def token_from_settings_file(path) -> str | None:
-    """The token saved in a ComfyUI user settings file (`comfy.settings.json`) under SETTINGS_TOKEN_ID."""
+def _normal_host(host: str) -> str:
+    host = host.strip().lower().rstrip(".")
+    try:
+        return str(ipaddress.ip_address(host))  # one spelling per address ("0:0::1" is "::1")
+    except ValueError:
+        return host
+
+
+def parse_host_list(value, origin: str) -> tuple[str, ...]:
+    """The entries of a host list ("host" or "host:port", comma-separated, or a JSON list of them) in normal form.
+
+    `origin` names where the list came from, for the error on a malformed entry.
+    """
+    if value is None or value == "":
+        return ()
+    if isinstance(value, str):
+        entries = value.split(",")
+    elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        entries = list(value)
+    else:
+        raise InputError(f"{origin} must be a comma-separated list of hosts (host or host:port); "
+                         f"got a {type(value).__name__}.")
+    hosts = []
+    for entry in (e.strip() for e in entries):
+        if not entry:
+            continue
+        if entry.count(":") > 1 and not entry.startswith("["):
+            entry = f"[{entry}]"  # a bare IPv6 address
+        try:
+            if re.search(r"[/@?#\s]", entry):
+                raise ValueError("give a host or host:port, not a URL")
+            parts = urlsplit(f"//{entry}")
+            port = parts.port
+            if not parts.hostname:
+                raise ValueError("no host name")
+        except ValueError as e:
+            raise InputError(f"{origin}: '{entry[:100]}' is not a host or host:port ({e}). Example: "
+                             "encoder.example.com,127.0.0.1:8199") from None
+        host = _normal_host(parts.hostname)
+        hosts.append(f"[{host}]:{port}" if ":" in host and port is not None
+                     else f"{host}:{port}" if port is not None else host)
+    return tuple(dict.fromkeys(hosts))
+
+
+def _host_is_listed(url: str, allowed_hosts) -> bool:
+    parts = urlsplit(url)
+    host = _normal_host(parts.hostname or "")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    for entry in allowed_hosts:
+        listed = urlsplit(f"//{entry}")
+        if _normal_host(listed.hostname or "") == host and listed.port in (None, port):
+            return True
+    return False
+
+
+def token_bound_to(url: str, allowed_hosts=()) -> bool:
+    """Whether a token may go to `url`'s host: the default endpoint's host or a listed one (scheme not considered)."""
+    return _normal_host(urlsplit(url).hostname or "") == DEFAULT_HOST or _host_is_listed(url, allowed_hosts)
+
+
+_HOW_TO_LIST = (f"list the host in the {HOSTS_ENV} environment variable or the ComfyUI setting '{SETTINGS_HOSTS_ID}' "
+                "(comma-separated host or host:port)")
+
+
+def check_token_destination(url: str, token_source: str, allowed_hosts=()) -> None:
+    """Raises TokenNotAllowedError unless a token from `token_source` may be sent to `url`."""
+    parts = urlsplit(url)
+    listed = _host_is_listed(url, allowed_hosts)
+    where = f" (from {token_source})" if token_source else ""
+    if not token_bound_to(url, allowed_hosts):
+        raise TokenNotAllowedError(
+            f"endpoint_url '{safe_url(url)}': the remote text encoder token{where} is only sent to {DEFAULT_HOST} "
+            f"and to hosts you list, so a shared workflow cannot send it elsewhere. If you trust "
+            f"{parts.hostname}, {_HOW_TO_LIST}; otherwise keep the default endpoint_url.")
+    if parts.scheme == "http" and not (listed or _is_loopback(parts.hostname or "")):
+        raise TokenNotAllowedError(
+            f"endpoint_url '{safe_url(url)}' is plain http: the token{where} would travel unencrypted, so it is only "
+            f"sent over http to hosts you list. Use https://, or {_HOW_TO_LIST}.")
+
+
+def setting_from_settings_file(path, key: str):
+    """The value of `key` in a ComfyUI user settings file (`comfy.settings.json`), or None."""
     if not path or not os.path.isfile(path):
         return None
     try:
         with open(path, encoding="utf-8") as f:
-            value = json.load(f).get(SETTINGS_TOKEN_ID)
+            return json.load(f).get(key)
     except (OSError, ValueError, AttributeError) as e:
         log.warning("flux2-accel: could not read ComfyUI settings %s (%s)", path, type(e).__name__)
         return None
+
+
+def token_from_settings_file(path) -> str | None:
+    """The token saved in a ComfyUI user settings file under SETTINGS_TOKEN_ID."""
+    value = setting_from_settings_file(path, SETTINGS_TOKEN_ID)
     return value.strip() if isinstance(value, str) and value.strip() else None
 
 
-def resolve_token(url: str, settings_file=None, environ=None) -> tuple[str | None, str]:
+def listed_hosts(settings_file=None, environ=None) -> tuple[str, ...]:
+    """The hosts the user allows tokens to go to: FLUX2_ACCEL_REMOTE_HOSTS plus the ComfyUI setting, together."""
+    environ = os.environ if environ is None else environ
+    hosts = parse_host_list(environ.get(HOSTS_ENV, ""), f"the {HOSTS_ENV} environment variable")
+    hosts += parse_host_list(setting_from_settings_file(settings_file, SETTINGS_HOSTS_ID),
+                             f"the ComfyUI setting '{SETTINGS_HOSTS_ID}'")
+    return tuple(dict.fromkeys(hosts))
+
+
+def resolve_token(url: str, settings_file=None, environ=None, allowed_hosts=()) -> tuple[str | None, str]:
     """(token, where it came from) for `url`.
 
-    FLUX2_ACCEL_REMOTE_TOKEN, then the ComfyUI setting, are sent to whatever endpoint the user configured. A Hugging
-    Face token (HF_TOKEN, or the one `hf auth login` stored) is sent only to Hugging Face hosts, so pointing the node
-    at another server never hands it your Hugging Face credentials.
+    FLUX2_ACCEL_REMOTE_TOKEN, then the ComfyUI setting, whatever the host: the client refuses to send them to a host
+    they are not bound to. A Hugging Face token (HF_TOKEN, or the one `hf auth login` stored) is offered only for the
+    official endpoint's host and listed hosts; elsewhere none is returned, and the request goes without a token.
     """
     environ = os.environ if environ is None else environ
     if environ.get(TOKEN_ENV, "").strip():
@@ -147,7 +276,7 @@ def resolve_token(url: str, settings_file=None, environ=None) -> tuple[str | Non
     token = token_from_settings_file(settings_file)
     if token:
         return token, f"ComfyUI setting {SETTINGS_TOKEN_ID}"
-    if _is_huggingface(url):
+    if token_bound_to(url, allowed_hosts):
         if environ.get(HF_TOKEN_ENV, "").strip():
             return environ[HF_TOKEN_ENV].strip(), HF_TOKEN_ENV
         try:
@@ -168,6 +297,10 @@ class _ReplyTooLarge(Exception):
     pass
 
 
+# The connection class per scheme; one place, so a test can stand in for TLS with a loopback server.
+CONNECTION_CLASSES = {"http": http.client.HTTPConnection, "https": http.client.HTTPSConnection}
+
+
 class _Exchange:
     """One POST on a worker thread; `abort()` shuts the socket so a blocked read returns at once."""
 
@@ -177,6 +310,7 @@ class _Exchange:
         self.body, self.headers = body, headers
         self.connect_timeout, self.read_timeout, self.max_bytes = connect_timeout, read_timeout, max_bytes
         self.phase = "connect"
+        self.connected_at: float | None = None  # time.monotonic() once connected: the read deadline starts here
         self.result: tuple[int, dict, bytes] | None = None
         self.error: BaseException | None = None
         self.done = threading.Event()
@@ -184,10 +318,11 @@ class _Exchange:
 
     def run(self) -> None:
         try:
-            cls = http.client.HTTPSConnection if self.parts.scheme == "https" else http.client.HTTPConnection
+            cls = CONNECTION_CLASSES[self.parts.scheme]
             self._conn = conn = cls(self.parts.hostname, self.parts.port, timeout=self.connect_timeout)
             conn.connect()
-            conn.sock.settimeout(self.read_timeout)
+            self.connected_at = time.monotonic()
+            conn.sock.settimeout(self.read_timeout)  # per read; the caller holds the overall deadline
             self.phase = "send"
             target = self.parts.path or "/"
             if self.parts.query:
@@ -245,10 +380,8 @@ class RemoteTextEncoder:
         self.url = safe_url(config.url)
         self.identity = f"remote:{self.url}"
         self.requests_sent = 0
-        parts = urlsplit(config.url)
-        if config.token and parts.scheme == "http" and not _is_loopback(parts.hostname or ""):
-            log.warning("flux2-accel: the remote text encoder token is sent over plain http to %s; use https "
-                        "outside a trusted network.", parts.hostname)
+        if config.token:
+            check_token_destination(config.url, config.token_source, config.allowed_hosts)
 
     def __repr__(self) -> str:
         cache = "on" if self.cache is not None and self.cache.enabled else "off"
@@ -307,6 +440,10 @@ class RemoteTextEncoder:
         if width and embeds.shape[-1] != width:
             return (f"embeddings of shape {tuple(embeds.shape)} (width {embeds.shape[-1]}) but the model expects "
                     f"width {width}, shape {want}: the endpoint serves a different text encoder than the model")
+        if not bool(torch.isfinite(embeds).all()):
+            nan, inf = int(torch.isnan(embeds).sum()), int(torch.isinf(embeds).sum())
+            return (f"embeddings with non-finite values ({nan} NaN, {inf} Inf of {embeds.numel()}): the server's "
+                    "text encoder is broken (e.g. overflowing in float16)")
         return None
 
     def _headers(self) -> dict:
@@ -364,12 +501,18 @@ class RemoteTextEncoder:
 
     def _auth_message(self, status: int, reason: str) -> str:
         if not self.config.token:
-            return (f"{self.url} needs a token (HTTP {status}) and none is set: put it in the {TOKEN_ENV} environment "
-                    f"variable or the ComfyUI setting '{SETTINGS_TOKEN_ID}'" + (f". Server said: {reason}" if reason
-                                                                               else "."))
+            listing = "" if token_bound_to(self.config.url, self.config.allowed_hosts) else (
+                f", and {_HOW_TO_LIST} (tokens, HF_TOKEN included, only go to {DEFAULT_HOST} and listed hosts)")
+            return (f"{self.url} needs a token (HTTP {status}) and none is set for it: put it in the {TOKEN_ENV} "
+                    f"environment variable or the ComfyUI setting '{SETTINGS_TOKEN_ID}'{listing}"
+                    + (f". Server said: {reason}" if reason else "."))
         source = f" from {self.config.token_source}" if self.config.token_source else ""
         return (f"{self.url} refused the token{source} (HTTP {status}): check it is valid and allowed to use this "
                 f"endpoint." + (f" Server said: {reason}" if reason else ""))
+
+    def _timeout_error(self) -> RemoteEncoderError:
+        return RemoteEncoderError(f"{self.url} did not send its whole reply within {self.config.read_timeout:g} s "
+                                  "(read timeout). The server may be busy or slow: raise the timeout or try again.")
 
     def _exchange(self, body: bytes, n_prompts: int, should_interrupt):
         """(status, headers, body, None) for a reply, (None, None, None, reason) for a retryable failure."""
@@ -378,12 +521,22 @@ class RemoteTextEncoder:
                              MAX_REPLY_BYTES_PER_PROMPT * n_prompts)
         self.requests_sent += 1
         worker = threading.Thread(target=exchange.run, name="flux2-accel-remote-encode", daemon=True)
+        started = time.monotonic()
         worker.start()
         while not exchange.done.wait(_POLL_S):
             if should_interrupt is not None and should_interrupt():
                 exchange.abort()
                 worker.join(1.0)
                 raise Interrupted("remote text encoding was cancelled while waiting for the server")
+            now, connected_at = time.monotonic(), exchange.connected_at
+            if connected_at is None and now > started + cfg.connect_timeout:
+                # Name resolution has no timeout of its own; a worker stuck in it is left behind (daemon thread).
+                exchange.abort()
+                return None, None, None, f"no connection within {cfg.connect_timeout:g} s (connect timeout)"
+            if connected_at is not None and now > connected_at + cfg.read_timeout:
+                exchange.abort()  # whatever the worker makes of the cut connection, the deadline has passed
+                worker.join(1.0)
+                raise self._timeout_error()
         error = exchange.error
         if error is None:
             return (*exchange.result, None)
@@ -392,8 +545,7 @@ class RemoteTextEncoder:
             raise RemoteEncoderError(f"{self.url} sent more than {MAX_REPLY_BYTES_PER_PROMPT * n_prompts} bytes for "
                                      f"{n_prompts} prompt(s); refusing it.")
         if isinstance(error, (socket.timeout, TimeoutError)) and exchange.phase != "connect":
-            raise RemoteEncoderError(f"{self.url} did not answer within {cfg.read_timeout:g} s (read timeout). The "
-                                     "server may be busy: raise the timeout or try again.")
+            raise self._timeout_error()
         if isinstance(error, (socket.timeout, TimeoutError)):
             return None, None, None, f"no connection within {cfg.connect_timeout:g} s (connect timeout)"
         if isinstance(error, ssl.SSLError):

@@ -3,6 +3,10 @@
 One safetensors file per (prompt, encoder identity), named by the sha256 of both: the prompt text itself is never
 written. Reading a file refreshes its mtime; when the folder grows past `max_bytes`, the least recently used files
 go first.
+
+The cache is an optimisation, never a reason to fail: a folder that cannot be written (read-only, full disk, a path
+through a file) gives one warning per folder and the encoding goes on without the cache; the warning comes again only
+after a write there has succeeded in between. A file that cannot be read is a miss.
 """
 
 from __future__ import annotations
@@ -21,6 +25,10 @@ log = logging.getLogger("flux2_accel")
 
 DEFAULT_MAX_BYTES = 2 * 1024**3  # about 130 [dev] prompts in bf16 ([1, 512, 15360])
 _SUFFIX = ".safetensors"
+# Folders whose last write failed: warned about once, until a write there succeeds again (shared by every instance,
+# since the node builds a cache per call).
+_UNWRITABLE: set[str] = set()
+_UNWRITABLE_LOCK = threading.Lock()
 
 
 class EmbeddingCache:
@@ -48,34 +56,63 @@ class EmbeddingCache:
         with self._lock:
             try:
                 tensor = load_file(str(path))["prompt_embeds"]
-                os.utime(path)
             except FileNotFoundError:
                 self.misses += 1
                 return None
             except Exception as e:  # a torn or foreign file: drop it and encode again
                 log.warning("flux2-accel: dropping unreadable cached embedding %s (%s)", path.name, e)
-                path.unlink(missing_ok=True)
+                try:
+                    path.unlink(missing_ok=True)
+                except OSError:  # a read-only folder: it stays a miss
+                    pass
                 self.misses += 1
                 return None
+            try:
+                os.utime(path)  # least recently used goes first; a read-only folder just keeps the old order
+            except OSError:
+                pass
             self.hits += 1
             return tensor
 
-    def put(self, key: str, tensor: torch.Tensor) -> None:
+    def put(self, key: str, tensor: torch.Tensor) -> bool:
+        """Stores `tensor` under `key`; False (after one warning per folder) when the folder cannot be written."""
         if not self.enabled:
-            return
-        from safetensors.torch import save_file
+            return False
+        from safetensors.torch import save
 
-        with self._lock:
-            self.root.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.root, suffix=".tmp")
-            os.close(fd)
+        data = save({"prompt_embeds": tensor.detach().to("cpu").contiguous()})  # serialized in memory: disk errors
+        with self._lock:                                                        # below are all OSError
             try:
-                save_file({"prompt_embeds": tensor.detach().to("cpu").contiguous()}, tmp)
-                os.replace(tmp, self._path(key))  # readers never see a half-written file
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-            self._evict()
+                self._write(self._path(key), data)
+                self._evict()
+            except OSError as e:
+                self._unwritable(e)
+                return False
+        with _UNWRITABLE_LOCK:
+            _UNWRITABLE.discard(str(self.root))
+        return True
+
+    def _write(self, path: Path, data: bytes) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.root, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)  # readers never see a half-written file
+        finally:
+            try:
+                os.unlink(tmp)
+            except OSError:  # already replaced, or the folder refuses even that
+                pass
+
+    def _unwritable(self, error: OSError) -> None:
+        with _UNWRITABLE_LOCK:
+            if str(self.root) in _UNWRITABLE:
+                return
+            _UNWRITABLE.add(str(self.root))
+        log.warning("flux2-accel: the embedding cache folder %s cannot be written (%s: %s); going on without caching "
+                    "there. Free space, fix its permissions, point FLUX2_ACCEL_EMBEDDING_CACHE_DIR elsewhere, or turn "
+                    "the node's use_cache off.", self.root, type(error).__name__, error.strerror or error)
 
     def _evict(self) -> None:
         entries = []

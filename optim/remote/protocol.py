@@ -16,6 +16,7 @@ import json
 import pickle
 import re
 import struct
+from itertools import accumulate
 
 import torch
 
@@ -34,6 +35,12 @@ CLIENT_ACCEPT = f"{SAFETENSORS_TYPE}, {TORCH_TYPE};q=0.5, application/octet-stre
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _ZIP_MAGIC = b"PK\x03\x04"
 _MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
+# A request is {"prompt": [...]}: depth 2. The limit leaves room for extra fields and keeps json.loads far from
+# Python's recursion limit, which a body nested 100,000 deep would otherwise hit.
+MAX_JSON_DEPTH = 8
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_BRACKET_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
 
 
 class ReplyFormatError(Flux2AccelError):
@@ -114,10 +121,27 @@ def choose_format(accept: str | None, default: str = "safetensors") -> str:
     return max(wanted)[2] if wanted else default
 
 
+def json_depth(text: str) -> int:
+    """How deep arrays and objects nest in JSON `text` (brackets inside strings do not count); C-speed scans only."""
+    brackets = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text))
+    return max(accumulate(map(_BRACKET_STEP.__getitem__, brackets)), default=0)
+
+
 def parse_prompts(payload) -> list[str]:
     """The prompt list of a request body `{"prompt": str | [str]}`; raises ValueError with a reason."""
-    if isinstance(payload, (bytes, str)):
-        payload = json.loads(payload)
+    if isinstance(payload, bytes):
+        payload = payload.decode("utf-8")
+    if isinstance(payload, str):
+        # Fast path first: a body with few brackets cannot nest deep (str.count runs at C speed).
+        shallow = payload.count("[") + payload.count("{") <= MAX_JSON_DEPTH
+        depth = 0 if shallow else json_depth(payload)
+        if depth > MAX_JSON_DEPTH:
+            raise ValueError(f"the JSON body nests {depth} levels deep; at most {MAX_JSON_DEPTH} are accepted "
+                             '(a request is {"prompt": "..."} or {"prompt": ["...", ...]})')
+        try:
+            payload = json.loads(payload)
+        except RecursionError:  # the depth check should make this unreachable; never a traceback for bad input
+            raise ValueError(f"the JSON body nests more than {MAX_JSON_DEPTH} levels deep") from None
     if not isinstance(payload, dict) or "prompt" not in payload:
         raise ValueError('the body must be a JSON object {"prompt": "..."} or {"prompt": ["...", ...]}')
     prompt = payload["prompt"]

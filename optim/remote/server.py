@@ -25,6 +25,7 @@ log = logging.getLogger("flux2_accel")
 DEFAULT_TOKEN_ENV = "FLUX2_ACCEL_REMOTE_TOKEN"
 MAX_PROMPTS_PER_REQUEST = 16
 MAX_PROMPT_CHARS = 20_000
+DEFAULT_BODY_TIMEOUT_S = 30.0  # a client that announces a body and does not send it is dropped after this
 BATCHER_KEY = web.AppKey("flux2_accel_batcher", object)
 STATS_KEY = web.AppKey("flux2_accel_stats", dict)
 
@@ -107,17 +108,22 @@ def _error(status: int, message: str, **headers) -> web.Response:
 
 
 def create_app(text_encoder, *, token: str | None = None, no_auth: bool = False, batch_window_ms: float = 5.0,
-               max_batch: int = 16, default_format: str = "safetensors") -> web.Application:
+               max_batch: int = 16, default_format: str = "safetensors",
+               body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S) -> web.Application:
     """The server application around a loaded `optim.text_encoding.TextEncoder`.
 
     A token is required unless `no_auth=True` is given explicitly; clients send it as `Authorization: Bearer`.
+    A request body must arrive whole within `body_timeout_s` (else 408 and the connection is closed), and its JSON
+    may nest at most protocol.MAX_JSON_DEPTH levels (else 400).
     """
     if not token and not no_auth:
         raise InputError("the text encoder server needs a token (or no_auth=True to serve without one).")
+    if not body_timeout_s > 0:
+        raise InputError(f"body_timeout_s must be a positive number of seconds; got {body_timeout_s!r}.")
     if default_format not in FORMATS:
         raise InputError(f"default_format '{default_format}' is not one of {sorted(FORMATS)}.")
     expected = f"Bearer {token}".encode() if token else None
-    stats = {"requests": 0, "batches": 0, "prompts": 0, "refused": 0}
+    stats = {"requests": 0, "batches": 0, "prompts": 0, "refused": 0, "timed_out": 0}
     batcher = EncodeBatcher(text_encoder, batch_window_ms / 1000.0, max_batch, stats)
 
     async def predict(request: web.Request) -> web.StreamResponse:
@@ -128,7 +134,20 @@ def create_app(text_encoder, *, token: str | None = None, no_auth: bool = False,
                 stats["refused"] += 1
                 return _error(401, "missing or wrong token", **{"WWW-Authenticate": "Bearer"})
         try:
-            prompts = parse_prompts(await request.read())
+            body = await asyncio.wait_for(request.read(), body_timeout_s)
+        except asyncio.TimeoutError:
+            stats["timed_out"] += 1
+            reply = _error(408, f"the request body did not arrive within {body_timeout_s:g} s")
+            reply.force_close()
+            await reply.prepare(request)
+            await reply.write_eof()
+            # The rest of the body may never come: close now (after the reply is flushed) rather than let aiohttp
+            # linger, draining it, for another 10 s.
+            if request.transport is not None:
+                request.transport.close()
+            return reply
+        try:
+            prompts = parse_prompts(body)
         except (ValueError, UnicodeDecodeError) as e:
             return _error(400, f"bad request: {e}")
         if len(prompts) > MAX_PROMPTS_PER_REQUEST:
@@ -181,6 +200,9 @@ def add_arguments(p) -> None:
     p.add_argument("--no-auth", action="store_true", help="serve without a token (only on a trusted network)")
     p.add_argument("--batch-window-ms", type=float, default=5.0, help="how long to collect requests into one batch")
     p.add_argument("--max-batch", type=int, default=16, help="most prompts encoded in one batch")
+    p.add_argument("--body-timeout", type=float, default=DEFAULT_BODY_TIMEOUT_S,
+                   help="seconds a client has to send its whole request body before it gets 408 and is dropped "
+                        f"(default {DEFAULT_BODY_TIMEOUT_S:g})")
     p.add_argument("--default-format", choices=sorted(FORMATS), default="safetensors",
                    help="reply format for clients whose Accept header names none (torch suits diffusers' client)")
 
@@ -202,7 +224,8 @@ def run(args) -> int:
     encoder.model = apply_text_encoder_precision(encoder.model, args.precision)
     encoder.model.to(device)
     app = create_app(encoder, token=token, no_auth=args.no_auth, batch_window_ms=args.batch_window_ms,
-                     max_batch=args.max_batch, default_format=args.default_format)
+                     max_batch=args.max_batch, default_format=args.default_format,
+                     body_timeout_s=args.body_timeout)
     print(f"serving {encoder.family} text encoder (width {encoder.embed_dim}, {args.precision}, {device}) on "
           f"http://{args.host}:{args.port}{PREDICT_PATH}" + (" without a token" if args.no_auth else ""))
     web.run_app(app, host=args.host, port=args.port, print=None)
