@@ -14,7 +14,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import layout_fixtures
 from flux2_accel.nodes import comfy_services
 from flux2_accel.optim.errors import ModelFileError
 from flux2_accel.optim.handle import STORE, ModelHandle, TextEncoderHandle, VaeHandle
@@ -165,7 +164,8 @@ CASES = {
                                    r"transformer/config\.json.*num_layers is 10000 .*weights hold 1"),
     "vae_config_with_huge_channels": Case(
         _folder(lambda pipe: _edit_json(pipe / "vae" / "config.json", block_out_channels=[65536] * 4)),
-        "vae", r"vae/config\.json.*block_out_channels is \[65536, 65536, 65536, 65536\] .*weights hold \(32, 32, 32, 32\)"),
+        "vae", r"vae/config\.json.*block_out_channels is \[65536, 65536, 65536, 65536\] .*"
+               r"weights hold \(32, 32, 32, 32\)"),
     "text_encoder_config_with_huge_sizes": Case(
         _folder(lambda pipe: _edit_json(pipe / "text_encoder" / "config.json",
                                         text_config={**json.loads((pipe / "text_encoder" / "config.json").read_text())

@@ -188,7 +188,8 @@ def test_symlinked_models_resolve_and_escaping_names_do_not(tiny_models, tmp_pat
                 comfy_services.resolve_model("diffusers", escaping)
     monkeypatch.setattr(comfy_services, "_folder_paths", None)  # files: outside ComfyUI (ComfyUI resolves its own)
     assert "linked-vae.safetensors" in comfy_services.list_models("vae")
-    assert comfy_services.resolve_model("vae", "linked-vae.safetensors") == str(models / "vae" / "linked-vae.safetensors")
+    linked_vae = comfy_services.resolve_model("vae", "linked-vae.safetensors")
+    assert linked_vae == str(models / "vae" / "linked-vae.safetensors")
     (vae,) = node("Flux2AccelLoadVAE").load("linked-vae.safetensors", "fp32")
     assert STORE.vae(vae).config.latent_channels == tiny_models.dev.vae.config.latent_channels
     with pytest.raises(ModelFileError, match="not found"):
