@@ -86,9 +86,18 @@ def resolve_model(folder_name: str, name: str) -> str:
 
 
 def _safe_join(root: str, name: str) -> str | None:
-    """root/name, or None if `name` escapes root (absolute paths, '..')."""
-    root = os.path.realpath(root)
-    path = os.path.realpath(os.path.join(root, name))
+    """root/name, or None if `name` could lead outside root (absolute, a drive, any '..' component).
+
+    Containment is decided on the name as the user gives it, lexically, never on where a symlink points: a model
+    folder or file that the user linked into a models folder (a shared model store) is theirs to use, while a name
+    can only ever descend from root."""
+    if not name or os.path.isabs(name) or os.path.splitdrive(name)[0] or name.startswith(("/", "\\")):
+        return None
+    parts = name.replace("\\", "/").split("/")
+    if ".." in parts:
+        return None
+    root = os.path.abspath(root)
+    path = os.path.normpath(os.path.join(root, *parts))
     return path if os.path.commonpath([root, path]) == root else None
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass, field
@@ -95,13 +96,13 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if not isinstance(header, dict):
         raise ModelFileError(f"'{path.name}' has a corrupt safetensors header (not a JSON object).")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ModelFileError(f"'{path.name}' has a corrupt safetensors header: '__metadata__' must map names to "
+                             f"strings, got {_excerpt(metadata)}. The file is damaged or was not written by a "
+                             "safetensors library.")
     tensors, data_end = {}, 0
     for key, entry in header.items():
-        try:
-            begin, end = entry["data_offsets"]
-            info = TensorInfo(_DTYPES.get(entry["dtype"], entry["dtype"]), tuple(int(d) for d in entry["shape"]))
-        except (KeyError, TypeError, ValueError) as e:
-            raise ModelFileError(f"'{path.name}' has a corrupt header entry for tensor '{key}'.") from e
+        info, (_, end) = _header_entry(path.name, key, entry)
         tensors[key] = info
         data_end = max(data_end, end)
     if 8 + header_len + data_end > size:
@@ -111,6 +112,73 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
         raise ModelFileError(f"'{path.name}' contains no tensors.")
     return Checkpoint(path, tensors, dict(metadata))
 
+
+
+def weight_files(folder: str | os.PathLike) -> list[Path]:
+    """The .safetensors files of a diffusers/transformers model folder (one, or the shards of a sharded save)."""
+    return sorted(p for p in Path(folder).iterdir() if p.suffix == ".safetensors")
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _excerpt(value, limit: int = 60) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _header_entry(file_name: str, key: str, entry) -> tuple[TensorInfo, tuple[int, int]]:
+    """One tensor's header entry, checked as the safetensors format defines it: a dtype name, a shape of
+    non-negative integers, and [begin, end] byte offsets whose span holds exactly the tensor's bytes."""
+    def corrupt(why: str) -> ModelFileError:
+        return ModelFileError(f"'{file_name}' has a corrupt header entry for tensor '{key}': {why}. The file is "
+                              "damaged or was not written by a safetensors library; download it again.")
+
+    if not isinstance(entry, dict):
+        raise corrupt(f"expected an object, got {_excerpt(entry)}")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str):
+        raise corrupt(f"'dtype' is {_excerpt(dtype)}, not a type name")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise corrupt(f"'shape' is {_excerpt(shape)}, not a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
+            and offsets[0] <= offsets[1]):
+        raise corrupt(f"'data_offsets' is {_excerpt(offsets)}, not [begin, end] byte offsets")
+    torch_dtype = _DTYPES.get(dtype, dtype)
+    if isinstance(torch_dtype, torch.dtype):
+        expected = math.prod(shape) * torch_dtype.itemsize
+        if offsets[1] - offsets[0] != expected:
+            raise corrupt(f"shape {shape} of {dtype} needs {expected} bytes but 'data_offsets' {offsets} span "
+                          f"{offsets[1] - offsets[0]}")
+    return TensorInfo(torch_dtype, tuple(shape)), (offsets[0], offsets[1])
+
+
+def read_json_object(path: str | os.PathLike) -> dict:
+    """A JSON file that must hold one object (config.json, model_index.json...), or ModelFileError naming it."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelFileError(f"'{path}' is missing; the model folder is incomplete.") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelFileError(f"'{path}' is not valid JSON ({e}); the model folder is damaged. "
+                             "Download the folder again.") from None
+    if not isinstance(value, dict):
+        raise ModelFileError(f"'{path}' holds a JSON {type(value).__name__}, not the object of settings a model "
+                             "config is; the model folder is damaged. Download the folder again.")
+    return value
+
+
+def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor holding a NaN or an infinity, or None when all are finite."""
+    for key, value in tensors.items():
+        if not value.is_floating_point() or not value.numel():
+            continue
+        if value.dtype in FP8_DTYPES:  # isfinite has no fp8 kernels; the upcast is exact
+            value = value.to(torch.float16 if value.dtype == torch.float8_e4m3fn else torch.float32)
+        if not bool(torch.isfinite(value).all()):
+            return key
+    return None
 
 
 # ---------------------------------------------------------------- releasing mapped pages

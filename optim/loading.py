@@ -6,13 +6,12 @@ map, one tensor at a time, so the weights are never held twice.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from . import arch, layouts, prequant
-from .checkpoint import Checkpoint, MappedCheckpoints, open_checkpoint
+from .checkpoint import Checkpoint, MappedCheckpoints, open_checkpoint, read_json_object, weight_files
 from .errors import ModelFileError
 
 PIPELINE_SUBFOLDERS = {layouts.TRANSFORMER: "transformer", layouts.VAE: "vae", layouts.TEXT_ENCODER: "text_encoder"}
@@ -22,6 +21,7 @@ def _diffusers_folder(path: Path, component: str) -> Path:
     """The component folder inside a diffusers pipeline folder (or the folder itself if it is the component)."""
     sub = path / PIPELINE_SUBFOLDERS[component]
     if (path / "model_index.json").exists():
+        read_json_object(path / "model_index.json")  # diffusers reads it too: a broken one is named here
         if not sub.is_dir():
             raise ModelFileError(f"Diffusers folder '{path}' has no '{sub.name}' subfolder.")
         return sub
@@ -29,6 +29,57 @@ def _diffusers_folder(path: Path, component: str) -> Path:
         return path
     raise ModelFileError(f"'{path}' is neither a diffusers pipeline folder (model_index.json) nor a component "
                          f"folder (config.json).")
+
+
+def _folder_weights(folder: Path, component: str) -> tuple[Checkpoint, layouts.Layout]:
+    """The headers of a component folder's .safetensors files (shards merged), identified like a single file."""
+    tensors = {}
+    for path in weight_files(folder):
+        tensors.update(open_checkpoint(path).tensors)
+    if not tensors:
+        raise ModelFileError(f"'{folder}' has no .safetensors weights (pickled .bin/.pt weights are refused: they "
+                             "can run code). Download the safetensors version of this model.")
+    weights = Checkpoint(folder, tensors)
+    layout = layouts.identify(weights)
+    layouts.require(layout, component, weights)
+    return weights, layout
+
+
+def _check_folder_sizes(folder: Path, component: str, config: dict) -> None:
+    """config.json against the weights' shapes, before the model is built (see arch.check_config_matches_weights).
+    `config` is the effective config: the model class's defaults under the file's values."""
+    weights, layout = _folder_weights(folder, component)
+    shapes = {k[len(layout.prefix):]: info.shape for k, info in weights.tensors.items() if k.startswith(layout.prefix)}
+    arch.check_config_matches_weights(component, config, shapes, str(folder / "config.json"))
+
+
+def _diffusers_config(folder: Path, model_cls) -> dict:
+    """A diffusers model's config.json over its class's defaults: what from_pretrained will build."""
+    import inspect
+
+    defaults = {name: p.default for name, p in inspect.signature(model_cls.__init__).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    return {**defaults, **read_json_object(folder / "config.json")}
+
+
+def _from_pretrained(model_cls, folder: Path, **kwargs):
+    """`model_cls.from_pretrained` from local safetensors only, refusing weights that do not fill the model exactly:
+    diffusers and transformers only warn about missing ("newly initialized") or unused keys, and the model would
+    run with random layers."""
+    try:
+        model, info = model_cls.from_pretrained(folder, local_files_only=True, use_safetensors=True,
+                                                output_loading_info=True, **kwargs)
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError) as e:  # the library's own refusals
+        raise ModelFileError(f"'{folder}' could not be loaded as a {model_cls.__name__}: {e}") from e
+    problems = []
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = sorted(str(k) for k in (info.get(kind) or ()))
+        if keys:
+            problems.append(f"{len(keys)} {kind.replace('_', ' ')} (e.g. {', '.join(keys[:3])})")
+    if problems:
+        raise ModelFileError(f"The weights in '{folder}' do not fit its config.json: {'; '.join(problems)}. "
+                             "The folder is incomplete or mixes files of different models; download it again.")
+    return model.eval()
 
 
 def _build_from_state_dict(cls_or_factory, config, state_dict: dict, dtype, name: str):
@@ -78,7 +129,8 @@ def load_transformer(path, dtype=torch.bfloat16):
         if prequant.is_bnb_4bit_folder(folder):  # diffusers' own bnb loader refuses to run without a GPU
             return prequant.load_bnb_4bit_transformer(folder, dtype)
         prequant.check_plain_folder(folder)
-        return Flux2Transformer2DModel.from_pretrained(folder, torch_dtype=dtype, local_files_only=True).eval()
+        _check_folder_sizes(folder, layouts.TRANSFORMER, _diffusers_config(folder, Flux2Transformer2DModel))
+        return _from_pretrained(Flux2Transformer2DModel, folder, torch_dtype=dtype)
     ckpt, layout = _open_file(path, layouts.TRANSFORMER)
     sd = prequant.normalize_quantized(ckpt.load(), ckpt.name)
     sd = layouts.transformer_to_diffusers(sd, layout)
@@ -95,12 +147,13 @@ def load_vae(path, dtype=torch.float32):
     path = Path(path)
     if path.is_dir():
         folder = _diffusers_folder(path, layouts.VAE)
-        return AutoencoderKLFlux2.from_pretrained(folder, torch_dtype=dtype, local_files_only=True).eval()
+        _check_folder_sizes(folder, layouts.VAE, _diffusers_config(folder, AutoencoderKLFlux2))
+        return _from_pretrained(AutoencoderKLFlux2, folder, torch_dtype=dtype)
     ckpt, layout = _open_file(path, layouts.VAE)
     sd = ckpt.load()
     if layout.layout == "ldm":
         # The LDM converter needs the block count, which the LDM names give directly.
-        n = arch._count([k[len(layout.prefix):] for k in sd], r"encoder\.down\.(\d+)\.")
+        n = arch.count_blocks([k[len(layout.prefix):] for k in sd], r"encoder\.down\.(\d+)\.", ckpt.name)
         sd = layouts.vae_to_diffusers(sd, layout, {"down_block_types": (None,) * n, "up_block_types": (None,) * n})
     else:
         sd = layouts.vae_to_diffusers(sd, layout, {})
@@ -153,8 +206,9 @@ def _load_text_encoder_folder(path: Path, dtype):
 
     root = path if (path / "model_index.json").exists() else None
     folder = _diffusers_folder(path, layouts.TEXT_ENCODER)
-    config = json.loads((folder / "config.json").read_text())
-    arch_name = (config.get("architectures") or [""])[0]
+    config = read_json_object(folder / "config.json")
+    names = config.get("architectures")
+    arch_name = names[0] if isinstance(names, list) and names and isinstance(names[0], str) else ""
     if "Qwen3" in arch_name:
         from transformers import Qwen3ForCausalLM as cls
 
@@ -166,7 +220,15 @@ def _load_text_encoder_folder(path: Path, dtype):
     else:
         raise ModelFileError(f"'{folder}' holds a {arch_name or 'unknown'} model; FLUX.2 uses Mistral 3 (dev) or "
                              "Qwen3 (klein) text encoders.")
-    model = cls.from_pretrained(folder, dtype=dtype, local_files_only=True).eval()
+    if prequant.quantization_config(folder) is None:  # quantized weights are packed: their shapes say nothing
+        try:
+            effective = cls.config_class.from_pretrained(folder, local_files_only=True)
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+            raise ModelFileError(f"'{folder / 'config.json'}' is not a valid {cls.config_class.__name__}: {e}") \
+                from e
+        text_config = getattr(effective, "text_config", effective)
+        _check_folder_sizes(folder, layouts.TEXT_ENCODER, text_config.to_dict())
+    model = _from_pretrained(cls, folder, dtype=dtype)
     tok_folder = (root / "tokenizer") if root is not None else folder
     try:
         tokenizer = AutoTokenizer.from_pretrained(tok_folder, local_files_only=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import FP8_DTYPES, open_checkpoint
+from .checkpoint import FP8_DTYPES, open_checkpoint, read_json_object, weight_files
 from .errors import ModelFileError
 
 log = logging.getLogger("flux2_accel")
@@ -32,9 +32,17 @@ _SIDE_SUFFIXES = (".comfy_quant", ".input_scale", ".scale_input", ".weight_scale
 _MARKERS = ("scaled_fp8",)
 _FP8_FORMATS = ("float8_e4m3fn", "float8_e5m2", "fp8_e4m3fn", "fp8_e5m2")
 _FP8_MAX = 448.0
-# An unscaled fp8 weight (a plain cast) holds the model's own values, which stay far below fp8's range; values this
-# large mean the tensor was scaled to fill the range and its scale is missing.
-_UNSCALED_FP8_LIMIT = _FP8_MAX / 2
+# The largest value an fp8 weight stored WITHOUT scales (a plain cast, which holds the model's own values) may reach.
+# Every value up to 448 is a legal e4m3 number, so this is a limit on what a real weight can be, not on fp8: trained
+# transformer weights sit near their initialization (about 1/sqrt(fan_in), 0.01-0.03 at FLUX.2's widths) with rare
+# outliers of a few units; bf16 FLUX weights peak well below 30. A quantizer that scales a tensor fills the range:
+# its peak is 448 (per tensor) or every row reaches 448 (per row). A peak at or above 64 (2x margin over the largest
+# real weights, 7x below a scaled tensor's) therefore means the scales were stripped, or the tensor is not a weight
+# at all: read as it is, the model multiplies activations by values hundreds of times too large and produces
+# non-finite activations (a NaN image) a few layers in. Matrices only: 1-D gains and biases are never scaled by
+# these quantizers, and LLM norm gains legitimately reach tens, so vectors keep the half-range limit.
+_UNSCALED_FP8_WEIGHT_LIMIT = 64.0
+_UNSCALED_FP8_VECTOR_LIMIT = _FP8_MAX / 2
 
 
 def is_prequantized(state_dict: dict) -> bool:
@@ -55,7 +63,7 @@ def _comfy_format(state_dict: dict, base: str, name: str) -> str | None:
         return None
     try:
         return str(json.loads(bytes(tensor.to(torch.uint8).tolist()).decode("utf-8")).get("format", ""))
-    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError, ValueError) as e:
         raise ModelFileError(f"'{name}': tensor '{base}.comfy_quant' is not the JSON ComfyUI writes ({e}); "
                              "the file is corrupt.") from None
 
@@ -142,10 +150,15 @@ def normalize_quantized(state_dict: dict, name: str, dtype=torch.bfloat16) -> di
                                  "The file is damaged or was edited: download it again.")
         else:
             peak = float(value.float().abs().amax()) if value.numel() else 0.0
-            if peak >= _UNSCALED_FP8_LIMIT:
-                raise ModelFileError(f"'{name}': fp8 tensor '{key}' reaches {peak:g}, so it was stored scaled, but "
-                                     "the file has no scale tensors ('.weight_scale'); read without them the model "
-                                     "would be wrong. Use the complete file.")
+            limit = _UNSCALED_FP8_WEIGHT_LIMIT if value.ndim >= 2 else _UNSCALED_FP8_VECTOR_LIMIT
+            if peak != peak:
+                raise ModelFileError(f"'{name}': fp8 tensor '{key}' holds NaN values; the file is damaged. "
+                                     "Download it again.")
+            if peak >= limit:
+                raise ModelFileError(f"'{name}': fp8 tensor '{key}' reaches {peak:g} (a real weight stays below "
+                                     f"{limit:g}), so it was stored scaled, but the file has no scale tensors "
+                                     "('.weight_scale'); read without them the model would overflow to NaN. Use the "
+                                     "complete file.")
             scale = torch.ones(value.shape[0] if value.ndim else 1, dtype=torch.float32)
         if base and value.ndim == 2 and value.dtype == torch.float8_e4m3fn:
             out[key], out[base + ".weight_scale"] = value, scale
@@ -219,12 +232,15 @@ def keeps_stored_dtype(key: str, value: torch.Tensor) -> bool:
 # ---------------------------------------------------------------- diffusers folders
 
 def _folder_weight_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix == ".safetensors")
+    return weight_files(folder)
 
 
 def quantization_config(folder: Path) -> dict | None:
-    config = json.loads((folder / "config.json").read_text())
-    return config.get("quantization_config")
+    q = read_json_object(folder / "config.json").get("quantization_config")
+    if q is not None and not isinstance(q, dict):
+        raise ModelFileError(f"'{folder / 'config.json'}': 'quantization_config' is {type(q).__name__}, not an "
+                             "object of settings; the model folder is damaged.")
+    return q
 
 
 def is_bnb_4bit_folder(folder: Path) -> bool:

@@ -276,3 +276,36 @@ def test_released_checkpoint_pages_leave_the_resident_set_and_read_back_from_the
     assert torch.equal(tensors["big"], expected) and torch.equal(tensors["after"], torch.ones(3))
     anonymous = torch.arange(4 << 20, dtype=torch.float32)
     assert mapped.release(anonymous) == 0 and torch.equal(anonymous, expected)  # only checkpoint pages, never others
+
+def _fp8_file_without_scales(tiny_models, tmp_path, peak: float):
+    """BFL fp8 file with no scale tensors: block weights plainly cast, one of them stretched to reach `peak`."""
+    out = {}
+    for k, v in open_checkpoint(tiny_models.files["dev_bfl"]).load().items():
+        if "blocks." in k and k.endswith(".weight") and v.ndim == 2:
+            v = (v * (peak / v.abs().max()) if k == "single_blocks.0.linear1.weight" else v).to(torch.float8_e4m3fn)
+        out[k] = v
+    path = tmp_path / f"fp8_peak{peak:g}.safetensors"
+    save_file(out, str(path))
+    return path
+
+
+def _tiny_forward(model):
+    g = torch.Generator().manual_seed(0)
+    cfg = model.config
+    with torch.no_grad():
+        return model(hidden_states=torch.randn(1, 16, cfg.in_channels, generator=g).bfloat16(),
+                     encoder_hidden_states=torch.randn(1, 6, cfg.joint_attention_dim, generator=g).bfloat16(),
+                     timestep=torch.tensor([0.5]), guidance=torch.tensor([4.0]),
+                     img_ids=torch.cartesian_prod(*(torch.arange(n) for n in (1, 4, 4, 1)))[None],
+                     txt_ids=torch.cartesian_prod(*(torch.arange(n) for n in (1, 1, 1, 6)))[None],
+                     return_dict=False)[0]
+
+
+def test_unscaled_fp8_is_accepted_at_real_weight_peaks_and_refused_far_above(tiny_models, tmp_path):
+    """fp8 values up to 448 are all legal; without scales, only what real weights reach (well below 30 in FLUX.2)
+    is read as a weight. A tensor reaching 200 lost its scale (or is not a weight): refused, naming it."""
+    realistic = loading.load_transformer(_fp8_file_without_scales(tiny_models, tmp_path, 20.0))
+    assert realistic.single_transformer_blocks[0].attn.to_qkv_mlp_proj.weight.float().abs().max() == 20
+    assert _tiny_forward(realistic).isfinite().all()
+    with pytest.raises(ModelFileError, match=r"fp8_peak200.safetensors.*single_blocks\.0\.linear1\.weight.*reaches"):
+        loading.load_transformer(_fp8_file_without_scales(tiny_models, tmp_path, 200.0))

@@ -160,3 +160,38 @@ def test_compile_node_in_the_graph_matches_eager_and_compiles_the_vae_decoder(mo
     stats = "\n".join(out["ui"]["flux2_stats"])
     assert "compile: compiled=True" in stats and "compile_vae: compiled=True" in stats
     assert "compile" not in "\n".join(eager["ui"]["flux2_stats"])
+
+
+def test_symlinked_models_resolve_and_escaping_names_do_not(tiny_models, tmp_path, monkeypatch):
+    """A folder or file the user linked into a models folder (a shared model store) loads; names still cannot
+    leave the models folders. Both inside ComfyUI (folder_paths) and outside it."""
+    import types
+
+    models = tmp_path / "models"
+    (models / "diffusers").mkdir(parents=True)
+    (models / "vae").mkdir()
+    (models / "diffusers" / "flux2-tiny").symlink_to(tiny_models.files["dev_folder"], target_is_directory=True)
+    (models / "vae" / "linked-vae.safetensors").symlink_to(tiny_models.files["vae_ldm"])
+    fake_folder_paths = types.SimpleNamespace(get_folder_paths=lambda name: [str(models / name)],
+                                              get_full_path=lambda name, file: None)
+    for folder_paths in (None, fake_folder_paths):
+        monkeypatch.setattr(comfy_services, "_folder_paths", folder_paths)
+        monkeypatch.setenv("FLUX2_ACCEL_MODELS_DIR", str(models))
+        assert "flux2-tiny" in comfy_services.list_diffusers_folders()
+        folder = comfy_services.resolve_model("diffusers", "flux2-tiny")
+        assert folder == str(models / "diffusers" / "flux2-tiny")  # the name as given, not the link's target
+        (model,) = node("Flux2AccelLoadDiffusionModel").load(DIFFUSERS_PREFIX + "flux2-tiny", "bf16")
+        assert model.source == folder
+        for escaping in ("../vae", "flux2-tiny/../../vae", "flux2-tiny/../flux2-tiny", str(models / "diffusers"),
+                         "/etc"):
+            with pytest.raises(ModelFileError, match="not found"):
+                comfy_services.resolve_model("diffusers", escaping)
+    monkeypatch.setattr(comfy_services, "_folder_paths", None)  # files: outside ComfyUI (ComfyUI resolves its own)
+    assert "linked-vae.safetensors" in comfy_services.list_models("vae")
+    linked_vae = comfy_services.resolve_model("vae", "linked-vae.safetensors")
+    assert linked_vae == str(models / "vae" / "linked-vae.safetensors")
+    (vae,) = node("Flux2AccelLoadVAE").load("linked-vae.safetensors", "fp32")
+    assert STORE.vae(vae).config.latent_channels == tiny_models.dev.vae.config.latent_channels
+    with pytest.raises(ModelFileError, match="not found"):
+        comfy_services.resolve_model("vae", "../vae/linked-vae.safetensors")
+    STORE.clear()

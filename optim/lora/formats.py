@@ -86,13 +86,14 @@ def normalize(name: str, tensors: dict[str, torch.Tensor], metadata: dict | None
     if any("dora_scale" in k or "lora_magnitude_vector" in k for k in tensors):
         raise ModelFileError(f"LoRA '{name}' is a DoRA (it has dora_scale / magnitude tensors). DoRA is not "
                              "supported for FLUX.2 here; use a plain LoRA or LoKr export of it.")
+    _check_tensor_shapes(name, tensors)
     layout = detect_layout(tensors)
     if layout == LOKR:
         groups, unmatched = _normalize_lokr(name, tensors)
     elif layout == KOHYA:
         groups, unmatched = _normalize_kohya(tensors)
     else:
-        groups, unmatched = _normalize_named(tensors, _metadata_scales(metadata))
+        groups, unmatched = _normalize_named(name, tensors, _metadata_scales(name, metadata))
     modules = dict(transformer.named_modules())
     state_dict = {}
     for sources, converted in groups:
@@ -111,6 +112,18 @@ def normalize(name: str, tensors: dict[str, torch.Tensor], metadata: dict | None
         log.warning("flux2-accel: LoRA '%s' matched %d of %d tensors; not applied: %s", name, matched,
                     len(tensors), _examples(unmatched))
     return NormalizedLora(name, layout, state_dict, matched, len(tensors), unmatched)
+
+
+def _check_tensor_shapes(name: str, tensors: dict) -> None:
+    """What every layout's converter divides or reads a number from: no empty tensor (a rank-0 LoRA would divide
+    alpha by 0), and an alpha that is one number."""
+    for key, value in tensors.items():
+        if not value.numel():
+            raise ModelFileError(f"LoRA '{name}': tensor '{key}' is empty (shape {tuple(value.shape)}); the file is "
+                                 "damaged.")
+        if key.endswith(".alpha") and value.numel() != 1:
+            raise ModelFileError(f"LoRA '{name}': alpha '{key}' holds {value.numel()} values where one number is "
+                                 "expected; the file is damaged.")
 
 
 def _examples(unmatched: list[str]) -> str:
@@ -142,7 +155,7 @@ def _split_key(key: str) -> tuple[str, str | None]:
     return module, role
 
 
-def _normalize_named(tensors: dict, metadata_scale):
+def _normalize_named(name: str, tensors: dict, metadata_scale):
     """diffusers, PEFT, ai-toolkit and ComfyUI layouts: group per module, fold alpha, rename via diffusers."""
     from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_flux2_lora_to_diffusers
 
@@ -235,7 +248,7 @@ def _scaled(A: torch.Tensor, scale: float) -> torch.Tensor:
     return (A.float() * scale).to(A.dtype)
 
 
-def _metadata_scales(metadata: dict | None):
+def _metadata_scales(name: str, metadata: dict | None):
     """scale(module, rank) from diffusers' `lora_adapter_metadata` (lora_alpha, r, alpha_pattern, use_rslora)."""
     config = {}
     raw = (metadata or {}).get("lora_adapter_metadata")
@@ -243,8 +256,17 @@ def _metadata_scales(metadata: dict | None):
         try:
             packed = json.loads(raw)
         except (TypeError, ValueError):
-            packed = {}
+            packed = None
+        if not isinstance(packed, dict):
+            raise ModelFileError(f"LoRA '{name}': its 'lora_adapter_metadata' header entry is not a JSON object of "
+                                 "settings, so its alpha (strength scale) cannot be read. The file is damaged.")
         config = {k.removeprefix("transformer."): v for k, v in packed.items()}
+
+    def number(value, field: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ModelFileError(f"LoRA '{name}': '{field}' in its lora_adapter_metadata is {value!r}, not a finite "
+                                 "number. The file is damaged.")
+        return float(value)
 
     def scale(module: str, rank: int) -> float:
         if "lora_alpha" not in config:
@@ -253,10 +275,13 @@ def _metadata_scales(metadata: dict | None):
 
         alpha = config["lora_alpha"]
         pattern = config.get("alpha_pattern") or {}
+        if not isinstance(pattern, dict):
+            raise ModelFileError(f"LoRA '{name}': 'alpha_pattern' in its lora_adapter_metadata is not an object; "
+                                 "the file is damaged.")
         if pattern:
             key = get_pattern_key(list(pattern), module)
             alpha = pattern.get(key, alpha)
-        return float(alpha) / (math.sqrt(rank) if config.get("use_rslora") else rank)
+        return number(alpha, "lora_alpha") / (math.sqrt(rank) if config.get("use_rslora") else rank)
 
     return scale
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..checkpoint import FP8_DTYPES, open_checkpoint
+from ..checkpoint import FP8_DTYPES, first_non_finite, open_checkpoint
 from ..errors import ModelFileError
 from ..handle import _file_identity
 from .formats import NormalizedLora, normalize
@@ -63,9 +63,16 @@ def state_for(store, base_key, transformer) -> LoraState:
 
 
 def read_lora_file(path: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """Tensors and header metadata of a LoRA file (safetensors only: pickles can run code)."""
+    """Tensors and header metadata of a LoRA file (safetensors only: pickles can run code). A NaN or infinity in
+    any tensor is refused here, where it enters: applied, it would turn every image made with the LoRA into NaN."""
     ckpt = open_checkpoint(path)
-    return ckpt.load(), ckpt.metadata
+    tensors = ckpt.load()
+    bad = first_non_finite(tensors)
+    if bad is not None:
+        raise ModelFileError(f"LoRA '{ckpt.name}' has NaN or infinite values in tensor '{bad}'; applied, it would "
+                             "make every image NaN. The file is damaged or its training diverged: use another "
+                             "checkpoint of it.")
+    return tensors, ckpt.metadata
 
 
 def tuner_layers(transformer) -> list:
