@@ -145,7 +145,7 @@ def require_bitsandbytes():
         import bitsandbytes
     except ImportError as e:
         raise InputError("precision 'nf4' needs the bitsandbytes package, which is not installed (or failed to "
-                         f"import: {e}). Install it with 'pip install bitsandbytes>=0.45' into ComfyUI's Python, or "
+                         f"import: {e}). Install it with 'pip install bitsandbytes>=0.46' into ComfyUI's Python, or "
                          "choose the fp8_e4m3fn precision.") from e
     return bitsandbytes
 
