@@ -145,7 +145,7 @@ def require_bitsandbytes():
         import bitsandbytes
     except ImportError as e:
         raise InputError("precision 'nf4' needs the bitsandbytes package, which is not installed (or failed to "
-                         f"import: {e}). Install it with 'pip install bitsandbytes>=0.45' into ComfyUI's Python, or "
+                         f"import: {e}). Install it with 'pip install bitsandbytes>=0.46' into ComfyUI's Python, or "
                          "choose the fp8_e4m3fn precision.") from e
     return bitsandbytes
 
@@ -161,6 +161,20 @@ def nf4_linear(weight: torch.Tensor, bias: torch.Tensor | None, double_quant: bo
     layer.weight = param._quantize(weight.device)
     if bias is not None:
         layer.bias = torch.nn.Parameter(bias.detach().to(COMPUTE_DTYPE), requires_grad=False)
+    return keep_portable_4bit_layout(layer)
+
+
+def keep_portable_4bit_layout(layer):
+    """Keep a `Linear4bit` in bitsandbytes' portable layout (the one it saves and runs on CUDA).
+
+    From 0.49, `Linear4bit.forward` on a CPU with AVX512-BF16 repacks the weight in place, on its first forward in
+    eval mode, into a CPU-only layout (bitsandbytes/nn/modules.py `Linear4bit.forward` ->
+    functional.py `_convert_weight_packed_for_cpu`): the absmax becomes a transposed bf16 matrix and the double
+    quantization is dropped. The pack dequantizes 4-bit layers to change precision, counts their bytes and moves
+    them with `.to()`, which does not undo the repacking; and the repacking raises "shape '[N, 0]' is invalid" for
+    a layer whose in_features is not a multiple of the block size. `support_avx512bf16_for_cpu` is the switch
+    bitsandbytes reads; older versions ignore it."""
+    layer.support_avx512bf16_for_cpu = False
     return layer
 
 
@@ -214,7 +228,7 @@ def _convert(layer, target: str, fast: bool, double_quant: bool):
             return layer
         return Fp8Linear.from_weight(*_float_weight(layer), fast=fast)
     if _is_nf4_layer(layer):  # target nf4: a pre-quantized 4-bit layer is kept as it came
-        return layer
+        return keep_portable_4bit_layout(layer)
     return nf4_linear(*_float_weight(layer), double_quant=double_quant)
 
 

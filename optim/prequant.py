@@ -282,7 +282,7 @@ def load_bnb_4bit(folder: Path, model: torch.nn.Module, dtype=torch.bfloat16) ->
     """Fill `model` (built on the meta device from the folder's config) from a diffusers/transformers bitsandbytes
     4-bit folder, with bitsandbytes' own `Params4bit.from_prequantized`, on CPU. Non-quantized tensors become
     `dtype`; the 4-bit layers compute in `dtype`."""
-    from .precision import require_bitsandbytes
+    from .precision import keep_portable_4bit_layout, require_bitsandbytes
 
     bnb = require_bitsandbytes()
     qcfg = quantization_config(folder) or {}
@@ -306,6 +306,7 @@ def load_bnb_4bit(folder: Path, model: torch.nn.Module, dtype=torch.bfloat16) ->
                                   device="meta")
         layer.weight = bnb.nn.Params4bit.from_prequantized(sd.pop(path + ".weight"), stats, device="cpu",
                                                            module=layer)
+        keep_portable_4bit_layout(layer)
         parent_path, _, child = path.rpartition(".")
         setattr(model.get_submodule(parent_path) if parent_path else model, child, layer)
         quantized.add(path + ".weight")

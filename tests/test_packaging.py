@@ -6,8 +6,15 @@ import ast
 import importlib.util
 import re
 import sys
-import tomllib
 from pathlib import Path
+
+from packaging.requirements import Requirement  # pytest's own dependency
+from packaging.version import Version
+
+try:
+    import tomllib  # Python 3.11+
+except ImportError:  # Python 3.10, which the pack supports: pytest itself requires tomli there
+    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,3 +94,40 @@ def test_tests_run_in_a_checkout_whose_folder_is_not_an_identifier(tmp_path):
                            "tests/test_packaging.py::test_requirements_match_pyproject"],
                           cwd=checkout, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "1 passed" in done.stdout, done.stdout[-2000:]
+
+
+def _constraints() -> dict[str, Version]:
+    pins = {}
+    for line in (ROOT / "constraints" / "ci.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, sep, version = line.partition("==")
+            assert sep and version, f"constraints/ci.txt: '{line}' is not an exact 'name==version' pin"
+            pins[re.sub(r"[-_.]+", "-", name.strip().lower())] = Version(version.strip())
+    return pins
+
+
+def test_ci_constraints_pin_every_dependency_within_its_declared_range():
+    """CI installs with constraints/ci.txt; the ranges in pyproject.toml are what users get. Every runtime and test
+    dependency must be pinned there at a version its range allows, so the two cannot drift apart silently."""
+    meta = _pyproject()["project"]
+    pins = _constraints()
+    for spec in meta["dependencies"] + meta["optional-dependencies"]["test"]:
+        req = Requirement(spec)
+        name = re.sub(r"[-_.]+", "-", req.name.lower())
+        if name == "torch":  # installed first, exactly, by the README's set-up line, not by the constraints
+            continue
+        assert name in pins, f"constraints/ci.txt does not pin '{req.name}' (pyproject.toml: '{spec}')"
+        assert req.specifier.contains(pins[name], prereleases=True), (
+            f"constraints/ci.txt pins {req.name}=={pins[name]}, outside pyproject.toml's '{spec}'")
+    assert "flux2-accel" not in pins, "constraints/ci.txt must not pin the pack itself"
+
+
+def test_ci_installs_torch_then_the_pack_with_the_constraints():
+    run = (ROOT / ".ci" / "run").read_text()
+    torch_line = re.search(r"^pip install torch==(\S+)$", run, re.M)
+    pack_line = re.search(r'^pip install -c constraints/ci\.txt -e "\.\[test\]"$', run, re.M)
+    assert torch_line and pack_line and torch_line.start() < pack_line.start(), run
+    torch_req = next(Requirement(d) for d in _pyproject()["project"]["dependencies"] if d.startswith("torch"))
+    assert torch_req.specifier.contains(Version(torch_line.group(1).split("+")[0]))
+    assert "torch" not in _constraints()
