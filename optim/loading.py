@@ -13,6 +13,7 @@ import torch
 from . import arch, layouts, prequant
 from .checkpoint import Checkpoint, MappedCheckpoints, open_checkpoint, read_json_object, weight_files
 from .errors import ModelFileError
+from .precision import keep_portable_4bit_layouts
 
 PIPELINE_SUBFOLDERS = {layouts.TRANSFORMER: "transformer", layouts.VAE: "vae", layouts.TEXT_ENCODER: "text_encoder"}
 
@@ -71,6 +72,7 @@ def _from_pretrained(model_cls, folder: Path, **kwargs):
                                                 output_loading_info=True, **kwargs)
     except (OSError, ValueError, TypeError, KeyError, RuntimeError) as e:  # the library's own refusals
         raise ModelFileError(f"'{folder}' could not be loaded as a {model_cls.__name__}: {e}") from e
+    keep_portable_4bit_layouts(model)
     problems = []
     for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
         keys = sorted(str(k) for k in (info.get(kind) or ()))

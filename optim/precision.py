@@ -178,6 +178,14 @@ def keep_portable_4bit_layout(layer):
     return layer
 
 
+def keep_portable_4bit_layouts(model: torch.nn.Module) -> torch.nn.Module:
+    """`keep_portable_4bit_layout` on every 4-bit layer of `model` (a pre-quantized folder, loaded by its library)."""
+    for module in model.modules():
+        if _is_nf4_layer(module):
+            keep_portable_4bit_layout(module)
+    return model
+
+
 def _is_nf4_layer(module) -> bool:
     return type(module).__name__ in ("Linear4bit", "LinearNF4", "LinearFP4") and hasattr(module.weight, "quant_state")
 
