@@ -22,6 +22,7 @@ import torch
 
 from .checkpoint import FP8_DTYPES, open_checkpoint
 from .errors import ModelFileError
+from .precision import FP8_MAX
 
 log = logging.getLogger("flux2_accel")
 
@@ -31,10 +32,9 @@ SCALE_SUFFIXES = (".weight_scale", ".scale_weight")
 _SIDE_SUFFIXES = (".comfy_quant", ".input_scale", ".scale_input", ".weight_scale_2")
 _MARKERS = ("scaled_fp8",)
 _FP8_FORMATS = ("float8_e4m3fn", "float8_e5m2", "fp8_e4m3fn", "fp8_e5m2")
-_FP8_MAX = 448.0
 # An unscaled fp8 weight (a plain cast) holds the model's own values, which stay far below fp8's range; values this
 # large mean the tensor was scaled to fill the range and its scale is missing.
-_UNSCALED_FP8_LIMIT = _FP8_MAX / 2
+_UNSCALED_FP8_LIMIT = FP8_MAX / 2
 
 
 def is_prequantized(state_dict: dict) -> bool:

@@ -14,7 +14,7 @@ import torch
 
 from .errors import InputError, Interrupted, NonFiniteError
 from .latents import packed_to_latent, spatial_factor, to_pil
-from .text_encoding import Flux2Conditioning
+from .text_encoding import FAMILY_BY_EMBED_WIDTH, Flux2Conditioning
 
 MAX_SEED = 0xFFFF_FFFF_FFFF_FFFF
 MAX_RESOLUTION = 8192
@@ -84,7 +84,7 @@ def check_conditioning(transformer, conditioning: Flux2Conditioning, field_name:
         raise InputError(
             f"{field_name} has embeddings of width {got} (shape {tuple(conditioning.prompt_embeds.shape)}) but this "
             f"transformer expects width {want}: the text encoder does not belong to this model "
-            f"({'Mistral 3 for [dev], ' if want == 15360 else ''}Qwen3 for [klein]).")
+            f"({'Mistral 3 for [dev], ' if FAMILY_BY_EMBED_WIDTH.get(want) == 'mistral' else ''}Qwen3 for [klein]).")
 
 
 @torch.no_grad()
