@@ -4,27 +4,14 @@ from __future__ import annotations
 
 import logging
 
-from ..optim import latents
-from ..optim.compile import vae_decoder_compiled
+from ..optim import engine
 from ..optim.errors import Interrupted
-from ..optim.handle import STORE, RunReport
-from ..optim.offload import offloaded
-from ..optim.sampling import MAX_RESOLUTION, MAX_SEED, SamplingParams, sample
+from ..optim.sampling import MAX_RESOLUTION, MAX_SEED, SamplingParams
+from ..optim.store import STORE
 from . import comfy_services
 
 log = logging.getLogger("flux2_accel")
 comfy_services.on_free_memory(STORE.clear)
-
-
-def format_stats(stats: dict) -> list[str]:
-    lines = []
-    for name, values in stats.items():
-        if isinstance(values, dict):
-            body = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
-        else:
-            body = str(values)
-        lines.append(f"{name}: {body}")
-    return lines
 
 
 class Flux2AccelSampler:
@@ -67,25 +54,18 @@ class Flux2AccelSampler:
                  reference_images=None, negative=None):
         params = SamplingParams(width, height, steps, guidance, seed, batch_size)
         progress = comfy_services.Progress(steps)
-        report = RunReport(params=params)
-        vae_module = STORE.vae(vae)
-        with STORE.prepared(model, report) as transformer, offloaded(
-                model.offload, transformer=transformer, vae=vae_module, device=comfy_services.torch_device()) as dev:
-            if model.offload == "none":
-                transformer.to(dev), vae_module.to(dev)
-            try:
-                latent = sample(transformer, vae_module, conditioning, params, reference_images=reference_images,
-                                negative=negative, on_step=lambda i, n, get: progress.update(i, get),
+        try:
+            result = engine.run(model, vae, conditioning, params, reference_images=reference_images,
+                                negative=negative, device=comfy_services.torch_device(),
+                                on_step=lambda i, n, get: progress.update(i, get),
                                 should_interrupt=comfy_services.interrupt_requested)
-            except Interrupted:
-                comfy_services.raise_if_interrupted()
-                raise
-            with vae_decoder_compiled(vae_module, model.compile, report):
-                image = latents.decode(vae_module, latent, device=dev)
-        lines = format_stats(report.stats)
+        except Interrupted:
+            comfy_services.raise_if_interrupted()
+            raise
+        lines = result.stats_lines()
         for line in lines:
             log.info("flux2-accel %s", line)
-        return {"ui": {"flux2_stats": lines}, "result": (image, {"samples": latent})}
+        return {"ui": {"flux2_stats": lines}, "result": (result.image, {"samples": result.latent})}
 
 
 NODE_CLASS_MAPPINGS = {"Flux2AccelSampler": Flux2AccelSampler}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..optim.handle import STORE
+from ..optim.store import STORE
 from . import comfy_services
 
 

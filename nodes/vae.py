@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..optim import latents
-from ..optim.handle import STORE
+from ..optim.store import STORE
 from . import comfy_services
 
 

@@ -1,6 +1,8 @@
 """`flux2-accel` command line: the pack's engine without ComfyUI.
 
-Subcommands are listed in COMMANDS (name -> module); each module has `add_arguments(parser)` and `run(args) -> int`.
+Subcommands are listed in COMMANDS (name -> module); each module has `add_arguments(parser)` and `run(args) -> int`
+(arguments several subcommands share are defined once, in cli_args.py). A user error (any pack error, see
+optim/errors.py) prints one line, `error: ...`, and exits with status 2, as argparse does for bad arguments.
 """
 
 from __future__ import annotations
@@ -35,8 +37,12 @@ def main(argv=None) -> int:
     try:
         return int(module.run(args) or 0)
     except Flux2AccelError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(str(e))}", file=sys.stderr)
         return 2
+
+
+def one_line(message: str) -> str:
+    return " ".join(message.split())
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 A handle asks for compiled code with `ModelHandle.compile = CompileSettings(...)` (None runs eager). The `compile`
 feature compiles lazily, at the first sampling, and keeps the compiled callables per base module
-(`store.state[base_key]["compile"]`), one set per distinct settings: a later run with the same settings reuses them.
+(`store.states`, see optim.feature_api), one set per distinct settings: a later run with the same settings reuses them.
 
 How it is switched on and off: `nn.Module.__call__` runs `module._compiled_call_impl` when it is set (that is all
 `module.compile()` does). Each run installs this attribute on the compiled modules (the repeated transformer blocks,
@@ -10,7 +10,7 @@ or the whole transformer) and removes it when the run ends, so a handle without 
 and switching between compiled and eager handles costs two attribute writes, no recompile.
 
 What does not recompile: prompts, seeds, step counts, guidance are tensor values; LoRA strengths are 0-dim tensors
-(optim.lora keeps them so; `prepare_for_compile` is called before each compiled run); the step cache decides in
+(optim.lora keeps them so, and declares `prepare_for_compile`, called before each compiled run); the step cache decides in
 Python between blocks, outside the compiled regions. A new resolution or batch size recompiles once: dynamo's
 automatic dynamic shapes (dynamic="auto") make the changed dimensions symbolic on the first change, so every later
 size reuses that graph. Each distinct set of enabled LoRAs compiles once and is then reused.
@@ -43,7 +43,7 @@ from typing import Any, Callable
 import torch
 
 from .errors import InputError
-from .handle import Feature
+from .feature_api import Feature, feature_state
 
 log = logging.getLogger("flux2_accel")
 
@@ -245,30 +245,14 @@ def regional_targets(model: torch.nn.Module) -> list[torch.nn.Module]:
 class CompileState:
     """One live module's compiled sets, by settings' code key."""
 
-    module_ref: weakref.ref
     sets: dict = field(default_factory=dict)
 
 
-def _state_for(slot: dict, module) -> CompileState:
-    state = slot.get(STATE_KEY)
-    if state is None or state.module_ref() is not module:  # a reloaded base starts uncompiled
-        state = slot[STATE_KEY] = CompileState(weakref.ref(module))
-    return state
-
-
-# Modules without a store entry (tests calling the feature directly, VAEs): state kept beside the module.
-_LOOSE_STATE: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
-
-
-def _slot(store, base_key, module) -> dict:
-    if store is not None:
-        return store.state.setdefault(base_key, {})
-    return _LOOSE_STATE.setdefault(module, {})
-
-
-def compiled_set_for(slot: dict, module, settings: CompileSettings, what: str,
+def compiled_set_for(store, key, module, settings: CompileSettings, what: str,
                      targets: Callable[[], list]) -> CompiledSet:
-    state = _state_for(slot, module)
+    """The compiled set for `settings` on `module` (the base under `key` in `store`; a loose module when `store` is
+    None), made on first use. A reloaded base starts uncompiled."""
+    state = feature_state(store, key, STATE_KEY, module, CompileState)
     compiled = state.sets.get(settings.code_key)
     if compiled is None:
         compiled = state.sets[settings.code_key] = CompiledSet(settings, targets(), what)
@@ -308,14 +292,6 @@ def _warn_graph_breaks_once(compiled: CompiledSet, before: dict) -> None:
 
 # ---------------------------------------------------------------- the feature
 
-def _prepare_adapters(transformer) -> None:
-    try:
-        from .lora import prepare_for_compile
-    except ImportError:  # the LoRA feature is optional
-        return
-    prepare_for_compile(transformer)
-
-
 @contextlib.contextmanager
 def activate(store, transformer, handle, report):
     settings = handle.compile
@@ -324,25 +300,23 @@ def activate(store, transformer, handle, report):
         return
     settings.validate()
     configure_caches_safely(settings.cache_dir)
-    if settings.scope == "full" and _step_cache_on(handle):
+    features = store.features if store is not None else ()
+    if settings.scope == "full" and any(f.decides_in_forward and f.decides_in_forward(handle) for f in features):
         # The step cache decides in Python inside the forward, around per-run state: a whole-forward graph would
         # guard on that state and recompile every run. Its blocks compile regionally instead.
         if not _notes.get("full_with_cache"):
             _notes["full_with_cache"] = True
             log.info("flux2-accel: compile scope 'full' with a step cache compiles the blocks (regional) instead")
         settings = dataclasses.replace(settings, scope="regional")
-    slot = _slot(store, handle.base_key, transformer)
     targets = (lambda: regional_targets(transformer)) if settings.scope == "regional" else (lambda: [transformer])
-    compiled = compiled_set_for(slot, transformer, settings, f"transformer ({settings.scope})", targets)
+    compiled = compiled_set_for(store, handle.base_key, transformer, settings, f"transformer ({settings.scope})",
+                                targets)
     if compiled.failure is None:
-        _prepare_adapters(transformer)
+        for feature in features:  # what the other features declare compiled code needs (LoRA: tensor strengths)
+            if feature.prepare_for_compile is not None:
+                feature.prepare_for_compile(transformer)
     with compiled_run(compiled, report, "compile"):
         yield
-
-
-def _step_cache_on(handle) -> bool:
-    cache = getattr(handle, "cache", None)
-    return cache is not None and bool(getattr(cache, "enabled", True))
 
 
 FEATURE = Feature("compile", activate)
@@ -360,7 +334,7 @@ def vae_decoder_compiled(vae, settings: CompileSettings | None, report: Any | No
     settings.validate()
     configure_caches_safely(settings.cache_dir)
     decoder = vae.decoder
-    compiled = compiled_set_for(_slot(None, None, decoder), decoder, settings, "VAE decoder", lambda: [decoder])
+    compiled = compiled_set_for(None, None, decoder, settings, "VAE decoder", lambda: [decoder])
     with compiled_run(compiled, report, "compile_vae"):
         yield
 

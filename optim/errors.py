@@ -15,3 +15,7 @@ class InputError(Flux2AccelError):
 
 class Interrupted(Exception):
     """Sampling was stopped between steps at the user's request."""
+
+
+class NonFiniteError(Flux2AccelError):
+    """A run produced NaN or Inf values (a model file, LoRA or precision at fault), caught instead of a black image."""

@@ -46,7 +46,7 @@ TEXT_ENCODER_KEEP_BF16 = ("embed_tokens", "lm_head", "vision_tower", "multi_moda
 
 COMPUTE_DTYPE = torch.bfloat16
 FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0
+FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448: e4m3fn saturates there
 NF4_BLOCKSIZE = 64
 # Rows quantized at once: bounds the float32 scratch for [dev]'s largest layer (6144 x 55296) to ~64 MB.
 _QUANT_CHUNK_ELEMENTS = 1 << 22

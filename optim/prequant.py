@@ -22,6 +22,7 @@ import torch
 
 from .checkpoint import FP8_DTYPES, open_checkpoint, read_json_object, weight_files
 from .errors import ModelFileError
+from .precision import FP8_MAX
 
 log = logging.getLogger("flux2_accel")
 
@@ -31,7 +32,6 @@ SCALE_SUFFIXES = (".weight_scale", ".scale_weight")
 _SIDE_SUFFIXES = (".comfy_quant", ".input_scale", ".scale_input", ".weight_scale_2")
 _MARKERS = ("scaled_fp8",)
 _FP8_FORMATS = ("float8_e4m3fn", "float8_e5m2", "fp8_e4m3fn", "fp8_e5m2")
-_FP8_MAX = 448.0
 # The largest value an fp8 weight stored WITHOUT scales (a plain cast, which holds the model's own values) may reach.
 # Every value up to 448 is a legal e4m3 number, so this is a limit on what a real weight can be, not on fp8: trained
 # transformer weights sit near their initialization (about 1/sqrt(fan_in), 0.01-0.03 at FLUX.2's widths) with rare
@@ -42,7 +42,7 @@ _FP8_MAX = 448.0
 # non-finite activations (a NaN image) a few layers in. Matrices only: 1-D gains and biases are never scaled by
 # these quantizers, and LLM norm gains legitimately reach tens, so vectors keep the half-range limit.
 _UNSCALED_FP8_WEIGHT_LIMIT = 64.0
-_UNSCALED_FP8_VECTOR_LIMIT = _FP8_MAX / 2
+_UNSCALED_FP8_VECTOR_LIMIT = FP8_MAX / 2
 
 
 def is_prequantized(state_dict: dict) -> bool:

@@ -12,12 +12,16 @@ from typing import Callable
 
 import torch
 
-from .errors import InputError, Interrupted
+from .errors import InputError, Interrupted, NonFiniteError
 from .latents import packed_to_latent, spatial_factor, to_pil
-from .text_encoding import Flux2Conditioning
+from .text_encoding import FAMILY_BY_EMBED_WIDTH, Flux2Conditioning
 
 MAX_SEED = 0xFFFF_FFFF_FFFF_FFFF
 MAX_RESOLUTION = 8192
+# FLUX.2's shipped scheduler (scheduler/scheduler_config.json, the same for [dev] and [klein]): dynamic shifting, the
+# pipelines pass mu.
+SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                        max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096, time_shift_type="exponential")
 
 
 @dataclass(frozen=True)
@@ -53,19 +57,24 @@ def family_of(transformer) -> str:
     return "dev" if transformer.config.guidance_embeds else "klein"
 
 
-def build_pipeline(transformer, vae, family: str, distilled: bool = True):
-    from diffusers import Flux2KleinPipeline, Flux2Pipeline
+def build_pipeline(transformer, vae, family: str, distilled: bool = True, text_encoder=None, tokenizer=None):
+    """diffusers' pipeline for `family` around the given components (no text encoder: embeddings come in)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Pipeline
 
-    from .tiny import scheduler_for
-
-    if family == "dev":
-        pipe = Flux2Pipeline(scheduler=scheduler_for(family), vae=vae, text_encoder=None, tokenizer=None,
-                             transformer=transformer)
-    else:
-        pipe = Flux2KleinPipeline(scheduler=scheduler_for(family), vae=vae, text_encoder=None, tokenizer=None,
-                                  transformer=transformer, is_distilled=distilled)
+    parts = dict(scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG), vae=vae, text_encoder=text_encoder,
+                 tokenizer=tokenizer, transformer=transformer)
+    pipe = Flux2Pipeline(**parts) if family == "dev" else Flux2KleinPipeline(**parts, is_distilled=distilled)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def check_finite(latents: torch.Tensor, step: int, steps: int) -> None:
+    """A NaN or Inf in the latents would decode to a black image: stop and say what usually causes it."""
+    if not torch.isfinite(latents).all():
+        raise NonFiniteError(
+            f"the latents hold NaN/Inf values after step {step} of {steps}. Likely causes: an fp8 model file without "
+            "its weight scales (or with broken ones), a LoRA with non-finite or far too strong weights, or a "
+            "precision that overflows on this model (try precision bf16, and the LoRAs off).")
 
 
 def check_conditioning(transformer, conditioning: Flux2Conditioning, field_name: str = "conditioning") -> None:
@@ -75,7 +84,7 @@ def check_conditioning(transformer, conditioning: Flux2Conditioning, field_name:
         raise InputError(
             f"{field_name} has embeddings of width {got} (shape {tuple(conditioning.prompt_embeds.shape)}) but this "
             f"transformer expects width {want}: the text encoder does not belong to this model "
-            f"({'Mistral 3 for [dev], ' if want == 15360 else ''}Qwen3 for [klein]).")
+            f"({'Mistral 3 for [dev], ' if FAMILY_BY_EMBED_WIDTH.get(want) == 'mistral' else ''}Qwen3 for [klein]).")
 
 
 @torch.no_grad()
@@ -101,6 +110,8 @@ def sample(transformer, vae, conditioning: Flux2Conditioning, params: SamplingPa
         # The packed latents after the last step are the result: the two pipelines post-process their outputs
         # differently (Klein returns them de-normalised), the per-step tensors are the same in both.
         final["latents"] = kwargs["latents"]
+        if i == 0:  # the first step tells: a broken model gives NaN at once, no need to run the others
+            check_finite(kwargs["latents"], 1, params.steps)
         if should_interrupt is not None and should_interrupt():
             raise Interrupted(f"interrupted after {i + 1} of {params.steps} steps")
         if on_step is not None:
@@ -124,4 +135,5 @@ def sample(transformer, vae, conditioning: Flux2Conditioning, params: SamplingPa
     if family == "klein" and use_cfg:
         kwargs["negative_prompt_embeds"] = negative.prompt_embeds.to(device, transformer.dtype)
     pipe(**kwargs)
+    check_finite(final["latents"], params.steps, params.steps)
     return packed_to_latent(final["latents"], h, w).float().cpu()

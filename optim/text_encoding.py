@@ -14,6 +14,9 @@ import torch
 from .errors import ModelFileError
 
 MAX_SEQUENCE_LENGTH = 512  # diffusers' FLUX.2 pipelines always pad prompts to this length
+# Conditioning width (three hidden layers stacked) -> encoder family: Mistral Small 3.1 for [dev] (3 x 5120), Qwen3-8B
+# for klein-9B (3 x 4096), Qwen3-4B for klein-4B (3 x 2560).
+FAMILY_BY_EMBED_WIDTH = {15360: "mistral", 12288: "qwen3", 7680: "qwen3"}
 
 
 @dataclass(frozen=True, eq=False)

@@ -169,27 +169,11 @@ class TinyComponents:
     tokenizer: object
 
     def pipeline(self):
-        """The bare diffusers pipeline over these components: the reference the pack is measured against."""
-        from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Pipeline
+        """A full diffusers pipeline over these components (text encoder included), as the pack builds it."""
+        from .sampling import build_pipeline
 
-        sched = scheduler_for(self.spec.family)
-        if self.spec.family == "dev":
-            pipe = Flux2Pipeline(scheduler=sched, vae=self.vae, text_encoder=self.text_encoder,
-                                 tokenizer=self.tokenizer, transformer=self.transformer)
-        else:
-            pipe = Flux2KleinPipeline(scheduler=sched, vae=self.vae, text_encoder=self.text_encoder,
-                                      tokenizer=self.tokenizer, transformer=self.transformer, is_distilled=True)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
-
-
-def scheduler_for(family: str):
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    # The shipped FLUX.2 scheduler configs use dynamic shifting (the pipelines pass mu).
-    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
-                                           base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
-                                           max_image_seq_len=4096, time_shift_type="exponential")
+        return build_pipeline(self.transformer, self.vae, self.spec.family, text_encoder=self.text_encoder,
+                              tokenizer=self.tokenizer)
 
 
 def build_components(spec: ComponentSpec = TINY, seed: int = 0, dtype=torch.float32) -> TinyComponents:

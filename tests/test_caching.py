@@ -14,7 +14,9 @@ from flux2_accel.optim import tiny
 from flux2_accel.optim.caching import FEATURE, CacheSettings, parse_coefficients
 from flux2_accel.optim.caching.calibrate import fit_coefficients, recording
 from flux2_accel.optim.errors import InputError, Interrupted
-from flux2_accel.optim.handle import ModelHandle, ModelStore, RunReport
+from flux2_accel.optim.feature_api import RunReport
+from flux2_accel.optim.handle import ModelHandle
+from flux2_accel.optim.store import ModelStore
 from flux2_accel.optim.sampling import SamplingParams, sample
 from flux2_accel.optim.text_encoding import Flux2Conditioning
 
@@ -119,13 +121,13 @@ def test_inference_mode_as_comfyui_runs_nodes(models, method):
 
 
 def test_rotary_memo_recomputes_when_ids_change_in_place(models):
-    from flux2_accel.optim.caching.fbcache import _rotary_memoized
+    from flux2_accel.optim.caching.blocks import rotary_memoized
 
     transformer = models["dev"][0]
     ids = torch.cartesian_prod(torch.arange(1), torch.arange(3), torch.arange(4), torch.arange(1))
     with torch.inference_mode():
         ids_inference = ids.clone()
-    with _rotary_memoized(transformer.pos_embed):
+    with rotary_memoized(transformer.pos_embed):
         for tensor in (ids, ids_inference):
             first = transformer.pos_embed(tensor)
             assert transformer.pos_embed(tensor) is first  # same ids: computed once

@@ -22,7 +22,9 @@ from flux2_accel.optim import tiny
 from flux2_accel.optim.caching import CacheSettings
 from flux2_accel.optim.compile import CompileSettings, graph_count, vae_decoder_compiled
 from flux2_accel.optim.errors import InputError
-from flux2_accel.optim.handle import ModelHandle, ModelStore, RunReport
+from flux2_accel.optim.feature_api import RunReport
+from flux2_accel.optim.handle import ModelHandle
+from flux2_accel.optim.store import ModelStore
 from flux2_accel.optim.latents import decode
 from flux2_accel.optim.lora import LoraSpec
 from flux2_accel.optim.sampling import SamplingParams, sample

@@ -12,7 +12,9 @@ from safetensors.torch import save_file
 
 from flux2_accel.optim import tiny
 from flux2_accel.optim.errors import InputError, ModelFileError
-from flux2_accel.optim.handle import ModelHandle, ModelStore, RunReport
+from flux2_accel.optim.feature_api import RunReport
+from flux2_accel.optim.handle import ModelHandle
+from flux2_accel.optim.store import ModelStore
 from flux2_accel.optim.lora import FEATURE, LoraSpec, prepare_for_compile, stack
 
 pytestmark = pytest.mark.usefixtures("comfyui_inference_mode")  # as ComfyUI runs prompts

@@ -12,7 +12,7 @@ from flux2_accel import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 from flux2_accel.nodes import comfy_services
 from flux2_accel.nodes.loaders import DIFFUSERS_PREFIX
 from flux2_accel.optim.errors import InputError, ModelFileError
-from flux2_accel.optim.handle import STORE
+from flux2_accel.optim.store import STORE
 
 pytestmark = pytest.mark.usefixtures("comfyui_inference_mode")  # as ComfyUI runs prompts
 

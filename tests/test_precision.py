@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from flux2_accel.optim import handle, loading, offload, precision, prequant, tiny
+from flux2_accel.optim import loading, offload, precision, prequant, tiny
 from flux2_accel.optim.errors import InputError, ModelFileError
 from flux2_accel.optim.precision import Fp8Linear
 from flux2_accel.optim.sampling import SamplingParams, sample
@@ -71,11 +71,6 @@ def _forward(model, inputs):
 
 
 # ---------------------------------------------------------------- precisions on the transformer
-
-def test_precision_choices_match_the_handle():
-    assert precision.TRANSFORMER_PRECISIONS == handle.PRECISIONS
-    assert precision.TEXT_ENCODER_PRECISIONS == handle.PRECISIONS
-
 
 @pytest.mark.parametrize("name", QUANTIZED)
 def test_each_precision_samples_close_to_bf16(parts, conditioning, bf16_latent, name):

@@ -226,7 +226,7 @@ def _import_everything() -> None:
     import diffusers  # noqa: F401
     from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Pipeline, Flux2Transformer2DModel  # noqa: F401
 
-    from .. import features  # noqa: F401
+    from .. import engine, features  # noqa: F401
 
 
 def machine_description(device: torch.device) -> dict:

@@ -2,9 +2,8 @@
 
 `baseline` is bare diffusers (Flux2Pipeline / Flux2KleinPipeline built here from diffusers alone, a scheduler from
 FLUX.2's shipped config, embeddings in, latents out): no pack code on its path. Every other row goes through the
-pack's own path, exactly as the sampler node does: a `ModelHandle` asking for the feature, `ModelStore.prepared`
-switching the registered features on for the run, and `optim.sampling.sample`. Each row imports its feature lazily;
-a feature that is not there (or lacks the API a row needs) makes the row `unavailable` with the reason.
+pack's own run path, exactly as the sampler node does: a `ModelHandle` asking for the feature, and `optim.engine.run`
+(the store switching the registered features on for the run, then sampling; the bench decodes outside the timing).
 
 Each row gets a fresh `ModelStore` holding its own transformer built from the same seed (`BenchModel.transformer`),
 injected under the handle's base key with the precision applied as `ModelStore.transformer` applies it, so no row
@@ -28,7 +27,7 @@ OK, UNAVAILABLE, ERROR = "ok", "unavailable", "error"
 
 
 class Unavailable(Exception):
-    """The feature a row measures has not landed (or lacks the API the row needs)."""
+    """This machine cannot run what a row measures (the row is reported `unavailable`, with the reason)."""
 
 
 # ---------------------------------------------------------------- results
@@ -111,7 +110,7 @@ class RowRun:
     """A row in three stages, so the bench can run rows one after another or interleave their timed runs (on a
     shared machine, load that drifts over minutes then hits every row alike).
 
-    `__init__` builds what the row needs (raising `Unavailable` if its feature is missing), `warm()` runs the
+    `__init__` builds what the row needs (raising `Unavailable` if this machine cannot run it), `warm()` runs the
     untimed runs, each `timed()` call one timed run, and `result()` collects the measurement.
     """
 
@@ -222,8 +221,9 @@ class PackRun(RowRun):
 
     def __init__(self, ctx: BenchContext, precision: str = "bf16", count_blocks: bool = True, **handle_fields):
         super().__init__(ctx)
-        from ..handle import ModelHandle, ModelStore
+        from ..handle import ModelHandle, VaeHandle
         from ..precision import apply_precision
+        from ..store import ModelStore
 
         self.store = ModelStore()
         self.handle = ModelHandle(source=f"<bench {ctx.model.name} seed {ctx.model.seed}>", precision=precision,
@@ -231,6 +231,8 @@ class PackRun(RowRun):
         # What ModelStore.transformer does with a loaded file, with the file replaced by the seeded build.
         self.module = self.store.get(self.handle.base_key,
                                      lambda: apply_precision(ctx.model.transformer(), precision))
+        self.vae = VaeHandle(source=f"<bench {ctx.model.name} vae>")
+        self.store.get(self.vae.base_key, lambda: ctx.vae)
         self.conditioning = ctx.conditioning()
         self.counter = BlockCounter(self.module) if count_blocks else None
         self.runs = 0
@@ -239,16 +241,14 @@ class PackRun(RowRun):
         return self.handle
 
     def run_once(self) -> torch.Tensor:
-        from ..handle import RunReport
-        from ..sampling import sample
+        from .. import engine
 
-        report = RunReport(params=self.ctx.params)
         handle = self.handle_for(self.runs)
         self.runs += 1
-        with self.store.prepared(handle, report) as transformer:
-            latent = sample(transformer, self.ctx.vae, self.conditioning, self.ctx.params)
-        self.stats = report.stats
-        return latent
+        result = engine.run(handle, self.vae, self.conditioning, self.ctx.params, store=self.store,
+                            device=self.ctx.device, decode=False)
+        self.stats = result.report.stats
+        return result.latent
 
 
 def _plain(stats: dict) -> dict:
@@ -266,35 +266,8 @@ def _plain(stats: dict) -> dict:
     return conv(stats)
 
 
-def _require_precision(name: str) -> None:
-    from ..precision import TRANSFORMER_PRECISIONS
-
-    if name not in TRANSFORMER_PRECISIONS:
-        raise Unavailable(f"optim.precision does not offer '{name}' yet (it has {', '.join(TRANSFORMER_PRECISIONS)})")
-
-
-def _require_feature(module: str, *names: str):
-    """The feature module, registered in the feature registry, with the attributes a row uses."""
-    import importlib
-
-    try:
-        mod = importlib.import_module(f"..{module}", __package__)
-    except ImportError as e:
-        raise Unavailable(f"optim.{module} is not there yet ({e})") from e
-    missing = [n for n in names if not hasattr(mod, n)]
-    if missing:
-        raise Unavailable(f"optim.{module} has no {', '.join(missing)} yet")
-    from .. import features
-
-    if module not in features.FEATURE_MODULES:
-        raise Unavailable(f"optim.{module} is not in optim.features.FEATURE_MODULES, so the pack's path would not "
-                          "apply it")
-    return mod
-
-
 def precision_row(precision: str) -> Callable[[BenchContext], RowRun]:
     def start(ctx: BenchContext) -> RowRun:
-        _require_precision(precision)
         run = PackRun(ctx, precision)
         if precision == "fp8_e4m3fn_fast":
             from .. import precision as prec
@@ -309,16 +282,10 @@ def precision_row(precision: str) -> Callable[[BenchContext], RowRun]:
 def cache_row(method: str, threshold: float | None) -> Callable[[BenchContext], RowRun]:
     """Step caching with `method` at `threshold` (None: the method's default)."""
     def start(ctx: BenchContext) -> RowRun:
-        caching = _require_feature("caching", "CacheSettings")
-        if method not in getattr(caching, "METHODS", (method,)):
-            raise Unavailable(f"optim.caching has no '{method}' method yet (it has {', '.join(caching.METHODS)})")
-        settings = caching.CacheSettings(method=method)
-        if threshold is not None:
-            settings = _replace(settings, threshold=threshold)
-        else:
-            defaults = getattr(caching, "DEFAULT_THRESHOLDS", None)  # a per-method default, if the feature has one
-            if isinstance(defaults, dict) and method in defaults:
-                settings = _replace(settings, threshold=defaults[method])
+        from ..caching import DEFAULT_THRESHOLDS, CacheSettings
+
+        settings = CacheSettings(method=method, threshold=DEFAULT_THRESHOLDS[method] if threshold is None
+                                 else threshold)
         run = CacheRun(ctx, cache=settings)
         if threshold == 0:
             run.note = "threshold 0 switches the cache off: the pack runs every step uncached"
@@ -335,12 +302,6 @@ class CacheRun(PackRun):
         return m
 
 
-def _replace(obj, **changes):
-    import dataclasses
-
-    return dataclasses.replace(obj, **changes)
-
-
 # ---------------------------------------------------------------- compile
 
 class CompileRun(PackRun):
@@ -354,14 +315,14 @@ class CompileRun(PackRun):
     reused). The last block is not hooked: a hook would be traced into the compiled graph."""
 
     def __init__(self, ctx: BenchContext):
+        from ..compile import CompileSettings
         from .compile_time import fresh_process_compile
 
-        compiling = _require_feature("compile", "CompileSettings")
         p = ctx.params
         cache_dir = str(ctx.workdir / "compile-cache")
         self.cold = fresh_process_compile(ctx.model.name, p.height, p.width, str(ctx.device),
                                           text_tokens=ctx.prompt_embeds.shape[1], cache_dir=cache_dir)
-        super().__init__(ctx, count_blocks=False, compile=compiling.CompileSettings(cache_dir=cache_dir))
+        super().__init__(ctx, count_blocks=False, compile=CompileSettings(cache_dir=cache_dir))
         self.recompiles = 0
         self.warm_stats: dict = {}
         import torch._dynamo
@@ -411,7 +372,6 @@ class LoraRestrengthRun(PackRun):
     from the baseline is the LoRA's own effect."""
 
     def __init__(self, ctx: BenchContext):
-        self.lora = _require_feature("lora", "LoraSpec")
         super().__init__(ctx)
         self.path = ctx.model.write_lora(ctx.workdir / "bench_lora.safetensors")
         self.note = "deviation is the LoRA's own effect, not an error"
@@ -420,7 +380,9 @@ class LoraRestrengthRun(PackRun):
 
     def handle_for(self, i: int):
         strength = LORA_STRENGTHS[self.strength_index % len(LORA_STRENGTHS)]
-        return self.handle.replace(loras=(self.lora.LoraSpec(str(self.path), strength),))
+        from ..lora import LoraSpec
+
+        return self.handle.replace(loras=(LoraSpec(str(self.path), strength),))
 
     def warm(self) -> None:
         with Stopwatch(self.ctx.device) as watch:

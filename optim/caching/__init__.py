@@ -1,12 +1,17 @@
 """Step caching for FLUX.2: skip the transformer's blocks on steps whose result barely changes.
 
-Methods (`CacheSettings.method`):
-- "fbcache": First Block Cache, on para-attn's first-block-cache machinery with a FLUX.2 adapter (fbcache.py).
-- "teacache": TeaCache, the rescaled relative L1 change of the first block's modulated input (teacache.py).
-- "magcache", "taylorseer": diffusers' own hooks, which do run on Flux2Transformer2DModel (diffusers_methods.py).
+Methods (`CacheSettings.method`), one module each, with its own settings and per-branch state:
+- "fbcache": First Block Cache, on para-attn's first-block-cache machinery (fbcache.py);
+- "teacache": TeaCache, the rescaled relative L1 change of the first block's modulated input (teacache.py);
+- "magcache", "taylorseer": diffusers' own hooks, which do run on Flux2Transformer2DModel (magcache.py,
+  taylorseer.py, sharing diffusers_cache.py).
+Shared: decision.py (the skip gate, per-branch state, statistics: layout-independent), transformer_hook.py (the one
+install mechanism: a diffusers ModelHook that also follows the pipeline's cache_context), blocks.py (the FLUX.2 block
+runner fbcache and teacache use).
 
-A handle asks for caching with `ModelHandle.cache = CacheSettings(...)`; `FEATURE.activate` installs the cache on
-the shared transformer for exactly one run, with fresh state, and removes it when the run ends, however it ends.
+A handle asks for caching with `ModelHandle.cache = CacheSettings(...)` (what the cache node's widgets say; each
+method's module translates it into its own settings); `FEATURE.activate` installs the cache on the shared
+transformer for exactly one run, with fresh state, and removes it when the run ends, however it ends.
 """
 
 from __future__ import annotations
@@ -17,13 +22,12 @@ import math
 from dataclasses import dataclass
 
 from ..errors import InputError
-from ..handle import Feature
+from ..feature_api import Feature
+from .decision import SkipGate
 
 log = logging.getLogger("flux2_accel")
 
-OWN_METHODS = ("fbcache", "teacache")
-DIFFUSERS_METHODS = ("magcache", "taylorseer")
-METHODS = OWN_METHODS + DIFFUSERS_METHODS
+METHODS = ("fbcache", "teacache", "magcache", "taylorseer")  # each the name of its module here
 # Starting points per method. fbcache: 0.12 gave ~2x on FLUX.1. teacache: with the [dev] polynomial every step adds
 # at least ~0.05, so 0.1 skips about every other step in the smooth middle of a run. magcache: diffusers' default.
 DEFAULT_THRESHOLDS = {"fbcache": 0.12, "teacache": 0.1, "magcache": 0.06, "taylorseer": 1.0}
@@ -33,6 +37,7 @@ DEFAULT_THRESHOLDS = {"fbcache": 0.12, "teacache": 0.1, "magcache": 0.06, "taylo
 class CacheSettings:
     """How to cache steps. Frozen and hashable: it lives inside a ModelHandle.
 
+    These are the cache node's widgets; each method's module reads them into its own settings (see there).
     threshold: 0 turns caching off. For fbcache, the relative change of the first block's residual below which a
     step reuses the previous one (0.08-0.12 on FLUX.1); for teacache, the accumulated rescaled change; for magcache,
     the accumulated magnitude error; taylorseer ignores its value beyond on/off.
@@ -53,6 +58,12 @@ class CacheSettings:
     @property
     def enabled(self) -> bool:
         return self.threshold > 0
+
+    @property
+    def gate(self) -> SkipGate:
+        """The skip gate every method shares (decision.py)."""
+        return SkipGate(warmup_steps=self.warmup_steps, start_percent=self.start_percent,
+                        end_percent=self.end_percent, max_consecutive_cached=self.max_consecutive_cached)
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -99,25 +110,15 @@ def activate(store, transformer, handle, report):
     if not isinstance(transformer, Flux2Transformer2DModel):
         raise InputError(f"step caching supports FLUX.2 transformers (Flux2Transformer2DModel); got "
                          f"{type(transformer).__name__}.")
+    import importlib
+
     from ..sampling import family_of
-    from .runtime import CacheRun
 
+    method = importlib.import_module(f".{settings.method}", __package__)  # one module per method, named after it
     params = getattr(report, "params", None)
-    run = CacheRun(settings, total_steps=getattr(params, "steps", None),
-                   family=handle.family or family_of(transformer))
-    if settings.method == "teacache" and not settings.coefficients:
-        from .teacache import CALIBRATED
-
-        if not CALIBRATED.get(run.family, False):
-            log.warning("flux2-accel TeaCache: no published coefficients for FLUX.2 [%s]; using the [dev] polynomial "
-                        "as a placeholder. Run `flux2-accel calibrate-teacache` and paste its coefficients into the "
-                        "cache node for reliable skipping.", run.family)
-    if settings.method in OWN_METHODS:
-        from .fbcache import installed
-    else:
-        from .diffusers_methods import installed
+    run = method.new_run(settings, getattr(params, "steps", None), handle.family or family_of(transformer))
     try:
-        with installed(transformer, run):
+        with method.installed(transformer, run):
             yield
     finally:
         stats = run.stats()
@@ -127,4 +128,8 @@ def activate(store, transformer, handle, report):
                  stats["estimated_time_saved_s"])
 
 
-FEATURE = Feature("caching", activate)
+def _decides_in_forward(handle) -> bool:
+    return handle.cache is not None and handle.cache.enabled
+
+
+FEATURE = Feature("caching", activate, decides_in_forward=_decides_in_forward)

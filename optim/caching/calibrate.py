@@ -13,12 +13,11 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..errors import InputError
-from . import CacheSettings
-from .runtime import Branch, CacheRun, forward_patched
+from .decision import Branch, CacheRun, SkipGate
 from .teacache import modulated_input, relative_l1
+from .transformer_hook import step_cache_installed
 
 
 def fit_coefficients(x, y, degree: int = 4) -> tuple[float, ...]:
@@ -32,10 +31,14 @@ def fit_coefficients(x, y, degree: int = 4) -> tuple[float, ...]:
     return tuple(float(c) for c in np.polyfit(x, y, degree))
 
 
+class Recording:
+    method = "recording"  # nothing is skipped: every call is computed and measured
+
+
 @contextlib.contextmanager
 def recording(transformer, samples: list):
     """Append (input change, output change) for every transformer call after a branch's first."""
-    run = CacheRun(CacheSettings(method="teacache", threshold=0.0), total_steps=None, family="")
+    run = CacheRun(Recording(), SkipGate(), total_steps=None, new_state=dict)
     captured: dict = {}
 
     def capture(block, args, kwargs):
@@ -47,34 +50,32 @@ def recording(transformer, samples: list):
         output = original_forward(*args, **kwargs)
         y = (output[0] if isinstance(output, tuple) else output.sample).float()
         x = captured.pop("x")
-        previous = branch.extra.get("previous")
+        previous = branch.state.get("previous")
         if previous is not None and previous[0].shape == x.shape:
             samples.append((relative_l1(x, previous[0]), relative_l1(y, previous[1])))
-        branch.extra["previous"] = (x, y)
+        branch.state["previous"] = (x, y)
         return output, False
 
     hook = transformer.transformer_blocks[0].register_forward_pre_hook(capture, with_kwargs=True)
     try:
-        with forward_patched(transformer, run, call):
+        with step_cache_installed(transformer, run, call):
             yield
     finally:
         hook.remove()
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--demo", action="store_true", help="tiny random weights: checks the command, fits nothing useful")
-    p.add_argument("--transformer", help="diffusion model: .safetensors file or diffusers folder (LoRA fused in)")
-    p.add_argument("--text-encoder", help="text encoder: .safetensors file or diffusers folder")
-    p.add_argument("--vae", help="VAE: .safetensors file or diffusers folder")
-    p.add_argument("--tokenizer", help="tokenizer folder, for single-file text encoders without one embedded")
+    from .. import cli_args
+
+    cli_args.add_model_arguments(p, transformer_help="diffusion model: .safetensors file or diffusers folder (LoRA "
+                                                     "fused in)",
+                                 demo_help="tiny random weights: checks the command, fits nothing useful")
     p.add_argument("--prompt", action="append", default=[], help="prompt to run (repeatable; several recommended)")
     p.add_argument("--seeds", type=int, default=2, help="seeds per prompt (0, 1, ...)")
-    p.add_argument("--width", type=int, default=None, help="default 1024 (64 with --demo)")
-    p.add_argument("--height", type=int, default=None, help="default 1024 (64 with --demo)")
+    cli_args.add_size_arguments(p)
     p.add_argument("--steps", type=int, default=None, help="default 28 (8 with --demo); calibrate at the steps you use")
-    p.add_argument("--guidance", type=float, default=4.0)
     p.add_argument("--degree", type=int, default=4, help="polynomial degree (TeaCache uses 4)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    cli_args.add_device_argument(p)
     p.add_argument("--output", "-o", default="teacache_coefficients.json", help="JSON file for the result")
 
 
@@ -82,27 +83,31 @@ DEFAULT_PROMPTS = ("a red dog in a green house", "portrait of an old man, photo"
 
 
 def run(args) -> int:
-    from ..generate import _components
-    from ..sampling import SamplingParams, family_of, sample
+    from .. import cli_args, engine
+    from ..sampling import SamplingParams, family_of
+    from ..store import ModelStore
 
-    transformer, vae, text_encoder = _components(args)
-    transformer.to(args.device), vae.to(args.device), text_encoder.model.to(args.device)
-    size = 64 if args.demo else 1024
+    device = cli_args.device(args)
+    store = ModelStore()
+    model, vae, text_encoder = cli_args.components(args, store)
+    encoder = store.text_encoder(text_encoder)
+    encoder.model.to(device)
+    width, height = cli_args.size(args)
     steps = args.steps or (8 if args.demo else 28)
     samples: list = []
     prompts = args.prompt or list(DEFAULT_PROMPTS)
     for prompt in prompts:
-        conditioning = text_encoder.encode(prompt)
+        conditioning = encoder.encode(prompt)
         for seed in range(args.seeds):
-            params = SamplingParams(width=args.width or size, height=args.height or size, steps=steps,
-                                    guidance=args.guidance, seed=seed)
-            with recording(transformer, samples):  # one recording per run: runs are not consecutive steps
-                sample(transformer, vae, conditioning, params)
+            params = SamplingParams(width=width, height=height, steps=steps, guidance=args.guidance, seed=seed)
+            # one recording per run: runs are not consecutive steps
+            engine.run(model, vae, conditioning, params, store=store, device=device, decode=False,
+                       around=(lambda transformer: recording(transformer, samples),))
             print(f"recorded {prompt!r} seed {seed}: {len(samples)} samples")
     x, y = zip(*samples) if samples else ((), ())
     coefficients = fit_coefficients(x, y, args.degree)
-    result = {"family": family_of(transformer), "degree": args.degree, "steps": steps, "samples": len(samples),
-              "coefficients": list(coefficients), "x": list(x), "y": list(y)}
+    result = {"family": family_of(store.transformer(model)), "degree": args.degree, "steps": steps,
+              "samples": len(samples), "coefficients": list(coefficients), "x": list(x), "y": list(y)}
     Path(args.output).write_text(json.dumps(result, indent=1))
     print(f"wrote {args.output}\nteacache_coefficients: {', '.join(f'{c:.8e}' for c in coefficients)}")
     return 0

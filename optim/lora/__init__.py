@@ -10,7 +10,8 @@ torch.compile: strengths are 0-dim tensors updated in place (see stack.py), so c
 Changing *which* adapters are active (adding a LoRA, turning the last one off) changes the traced structure: each
 distinct set compiles once and is then reused from dynamo's cache. A LoRA switched off while others stay on is kept
 active at strength 0 once loaded, so toggling it does not recompile either. The compile feature runs after this one
-(FEATURE_MODULES order) and may call `prepare_for_compile(transformer)` before compiling; it is idempotent.
+(FEATURE_MODULES order) and calls what this feature declares as `prepare_for_compile` before compiling; it is
+idempotent.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from ..errors import InputError
-from ..handle import Feature, _file_identity
+from ..feature_api import Feature
+from ..handle import file_identity
 from . import stack
 
 
@@ -65,7 +67,7 @@ def activate(store, transformer, handle, report):
         for spec in specs:
             if not isinstance(spec, LoraSpec):
                 raise InputError(f"handle.loras must hold LoraSpec entries, got {type(spec).__name__}.")
-            identity = _file_identity(spec.path)
+            identity = file_identity(spec.path)
             loaded = state.adapters.get(identity)
             if not spec.enabled and loaded is None:
                 lines.append(f"{_file_name(spec.path)} (off)")
@@ -96,6 +98,6 @@ def _file_name(path: str) -> str:
     return path.replace("\\", "/").rsplit("/", 1)[-1]
 
 
-FEATURE = Feature("lora", activate)
+FEATURE = Feature("lora", activate, prepare_for_compile=prepare_for_compile)
 
 __all__ = ["FEATURE", "LoraSpec", "prepare_for_compile"]

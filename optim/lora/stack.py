@@ -21,7 +21,8 @@ import torch
 
 from ..checkpoint import FP8_DTYPES, first_non_finite, open_checkpoint
 from ..errors import ModelFileError
-from ..handle import _file_identity
+from ..feature_api import feature_state
+from ..handle import file_identity
 from .formats import NormalizedLora, normalize
 
 MAX_IDLE_ADAPTERS = 4  # adapters kept loaded beyond the current stack, least recently used dropped first
@@ -55,11 +56,7 @@ class LoraState:
 
 
 def state_for(store, base_key, transformer) -> LoraState:
-    slot = store.state.setdefault(base_key, {})
-    state = slot.get(STATE_KEY)
-    if state is None or state.transformer_ref() is not transformer:  # a reloaded base starts with no adapters
-        state = slot[STATE_KEY] = LoraState(weakref.ref(transformer))
-    return state
+    return feature_state(store, base_key, STATE_KEY, transformer, lambda: LoraState(weakref.ref(transformer)))
 
 
 def read_lora_file(path: str) -> tuple[dict[str, torch.Tensor], dict]:
@@ -85,7 +82,7 @@ def tuner_layers(transformer) -> list:
 
 def load_adapter(transformer, state: LoraState, path: str) -> LoadedAdapter:
     """The adapter for `path`, injecting it on first use (one file read per file version)."""
-    identity = _file_identity(path)
+    identity = file_identity(path)
     loaded = state.adapters.get(identity)
     if loaded is not None:
         state.adapters.move_to_end(identity)

@@ -53,7 +53,7 @@ HOSTS_ENV = "FLUX2_ACCEL_REMOTE_HOSTS"
 SETTINGS_HOSTS_ID = "flux2accel.remote_hosts"
 DEFAULT_HOST = urlsplit(PUBLIC_URL).hostname  # the official FLUX.2 remote text encoder
 # Widths of the FLUX.2 family's conditioning: Mistral 3 for [dev], Qwen3 for [klein] 9B and 4B.
-FAMILY_BY_WIDTH = {15360: "mistral", 12288: "qwen3", 7680: "qwen3"}
+from ..text_encoding import FAMILY_BY_EMBED_WIDTH as FAMILY_BY_WIDTH  # noqa: E402
 MAX_REPLY_BYTES_PER_PROMPT = 64 * 1024**2  # [1, 512, 15360] is 31 MiB in float32
 _ERROR_BODY_BYTES = 64 * 1024
 _POLL_S = 0.05

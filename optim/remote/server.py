@@ -22,7 +22,7 @@ from .protocol import FORMATS, PREDICT_PATH, choose_format, encode_tensor, parse
 
 log = logging.getLogger("flux2_accel")
 
-DEFAULT_TOKEN_ENV = "FLUX2_ACCEL_REMOTE_TOKEN"
+from .client import TOKEN_ENV as DEFAULT_TOKEN_ENV  # one name for the token variable, client and server
 MAX_PROMPTS_PER_REQUEST = 16
 MAX_PROMPT_CHARS = 20_000
 DEFAULT_BODY_TIMEOUT_S = 30.0  # a client that announces a body and does not send it is dropped after this

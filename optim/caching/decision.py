@@ -1,0 +1,118 @@
+"""The skip decision every step-cache method shares, per-branch state, and statistics. Layout-independent.
+
+Nothing here knows a model layout or a library: an adapter (diffusers' Flux2Transformer2DModel in `blocks.py`, or
+any other layout) asks `CacheRun.branch()` for the branch of the call in progress, `may_skip(branch)` whether the
+gate lets this call be skipped, makes its method's own decision, and calls `record(branch, skipped, seconds)` after
+the call. `stats()` sums the run up.
+
+State lives only here and only for one run: a new run (other size, batch size, handle, or after an interrupted run)
+starts from nothing. CFG branches: diffusers' [klein] pipeline names its transformer calls "cond" / "uncond"; the
+adapter sets `CacheRun.branch_name` while such a call runs, and every branch keeps its own state. Calls outside any
+named context (the [dev] pipeline) form the branch "cond".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+DEFAULT_BRANCH = "cond"
+
+
+@dataclass(frozen=True)
+class SkipGate:
+    """When a method may skip at all, whatever its own signal says.
+
+    warmup_steps: the first steps of a branch are always computed.
+    start_percent / end_percent: fractions (0..1) of the run's steps between which steps may be skipped.
+    max_consecutive_cached: at most this many skipped calls in a row (0 = no limit).
+    """
+
+    warmup_steps: int = 1
+    start_percent: float = 0.0
+    end_percent: float = 1.0
+    max_consecutive_cached: int = 3
+
+    def allows(self, index: int, consecutive_cached: int, total_steps: int | None) -> bool:
+        if index < self.warmup_steps:
+            return False
+        if self.max_consecutive_cached and consecutive_cached >= self.max_consecutive_cached:
+            return False
+        if total_steps:
+            fraction = index / total_steps
+            if fraction < self.start_percent or fraction >= self.end_percent:
+                return False
+        return True
+
+
+@dataclass
+class Branch:
+    """What one CFG branch remembers from step to step. `state` is the method's own (e.g. TeaCacheState)."""
+
+    name: str
+    index: int = 0  # transformer calls so far in this branch = the current step index
+    consecutive_cached: int = 0
+    skipped: bool = False  # the decision for the call in progress
+    state: Any = None
+
+
+class CacheRun:
+    """One cached run: the method's settings, the shared gate, the branches, and the counts.
+
+    settings: the method's own settings object (its `method` names it in the statistics).
+    new_state: makes a branch's method state the first time the branch is seen."""
+
+    def __init__(self, settings, gate: SkipGate, total_steps: int | None,
+                 new_state: Callable[[], Any] = lambda: None):
+        self.settings = settings
+        self.gate = gate
+        self.total_steps = total_steps
+        self.new_state = new_state
+        self.branches: dict[str, Branch] = {}
+        self.branch_name: str | None = None
+        self.computed = 0
+        self.skipped = 0
+        self.time_computed = 0.0
+        self.time_skipped = 0.0
+
+    @property
+    def method(self) -> str:
+        return self.settings.method
+
+    def branch(self) -> Branch:
+        """The branch of the call in progress (made on first use, with fresh method state)."""
+        name = self.branch_name or DEFAULT_BRANCH
+        b = self.branches.get(name)
+        if b is None:
+            b = self.branches[name] = Branch(name, state=self.new_state())
+        return b
+
+    def may_skip(self, branch: Branch) -> bool:
+        """The gate every method shares: warmup, the start..end window, and the consecutive limit."""
+        return self.gate.allows(branch.index, branch.consecutive_cached, self.total_steps)
+
+    def record(self, branch: Branch, skipped: bool, seconds: float) -> None:
+        """After each transformer call."""
+        branch.index += 1
+        branch.consecutive_cached = branch.consecutive_cached + 1 if skipped else 0
+        if skipped:
+            self.skipped += 1
+            self.time_skipped += seconds
+        else:
+            self.computed += 1
+            self.time_computed += seconds
+
+    def stats(self) -> dict:
+        """Counts are transformer calls: with CFG each step makes two, and each may be skipped on its own."""
+        saved = 0.0
+        if self.skipped and self.computed:
+            per_computed = self.time_computed / self.computed
+            per_skipped = self.time_skipped / self.skipped
+            saved = max(0.0, per_computed - per_skipped) * self.skipped
+        return {
+            "method": self.method,
+            "computed_steps": self.computed,
+            "skipped_steps": self.skipped,
+            "total_steps": self.computed + self.skipped,
+            "estimated_time_saved_s": round(saved, 3),
+        }
