@@ -21,7 +21,9 @@ weights are diffusers' and quantized layouts (nf4, per-row fp8) that ComfyUI's p
 from __future__ import annotations
 
 import logging
+import weakref
 
+from ..optim.checkpoint import return_free_heap
 from ..optim.errors import Flux2AccelError, InputError
 from ..optim.handle import STORE, RunReport
 from ..optim.native_forward import NativeFlux2
@@ -34,6 +36,7 @@ PATCH_REFUSAL = ("A flux2-accel model takes no weight patches (ComfyUI's LoRA lo
                  "are diffusers' FLUX.2 layers, possibly nf4 or fp8, which those patches cannot address. Put the "
                  "LoRAs on a LoRA Stack (FLUX.2) node between the pack's loader and Model to ComfyUI (FLUX.2).")
 
+_HEAP_RETURNED = weakref.WeakSet()  # transformers whose collection hands the freed heap back to the OS
 _MANAGED: dict = {}  # base key -> patcher, for transformers the pack's own sampler runs (see `load_for_sampling`)
 
 
@@ -141,12 +144,20 @@ def native_patcher(handle, transformer=None):
     """A MODEL (ModelPatcher) for the handle's transformer: ComfyUI's FLUX.2 model around the pack's weights."""
     comfy = _comfy()
     transformer = transformer if transformer is not None else STORE.transformer(handle)
+    if transformer not in _HEAP_RETURNED:  # freed weights leave the process, not just the Python heap
+        _HEAP_RETURNED.add(transformer)
+        weakref.finalize(transformer, return_free_heap)
     module = ComfyNativeFlux2(transformer)
     channels = transformer.config.in_channels
     unet_config = {"image_model": "flux2", "disable_unet_model_creation": True, "in_channels": channels,
                    "out_channels": transformer.config.out_channels or channels}
     model_config = comfy.supported_models.Flux2(unet_config)
     model_config.set_inference_dtype(module.dtype, None)
+    latent_format = model_config.latent_format
+    if latent_format.latent_channels != channels:  # small test models: ComfyUI sizes empty latents by this
+        latent_format.latent_channels = channels
+        latent_format.latent_rgb_factors = latent_format.latent_rgb_factors_bias = None  # no preview colours
+        latent_format.latent_rgb_factors_reshape = None
     model = comfy.model_base.Flux2(model_config)
     model.diffusion_model = module
     mm = comfy.model_management
