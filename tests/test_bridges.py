@@ -195,3 +195,57 @@ def test_pack_conditioning_type_is_unchanged():
     # the bridge adds no field to the pack's type: other nodes keep building it as before
     assert [f.name for f in dataclasses.fields(Flux2Conditioning)] == ["prompt_embeds", "family",
                                                                         "encoder_identity", "prompts"]
+
+
+# ---------------------------------------------------------------- nodes, without ComfyUI
+
+def test_conditioning_bridge_nodes_round_trip(tiny_models):
+    from flux2_accel import NODE_CLASS_MAPPINGS
+
+    cond = _encoder(tiny_models.klein).encode("a cat")
+    (native,) = NODE_CLASS_MAPPINGS["Flux2AccelToConditioning"]().convert(cond)
+    (back,) = NODE_CLASS_MAPPINGS["Flux2AccelFromConditioning"]().convert(native)
+    assert back.prompt_embeds is cond.prompt_embeds and back.family == "qwen3"
+
+
+def test_model_bridge_outside_comfyui_says_so(tiny_models, monkeypatch):
+    import builtins
+
+    from flux2_accel import NODE_CLASS_MAPPINGS
+    from flux2_accel.optim.errors import Flux2AccelError
+    from flux2_accel.optim.handle import ModelHandle
+
+    real_import = builtins.__import__
+
+    def no_comfy(name, *args, **kwargs):
+        if name == "comfy" or name.startswith("comfy."):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_comfy)
+    handle = ModelHandle(source=str(tiny_models.files["dev_comfy"]))
+    with pytest.raises(Flux2AccelError, match="only inside ComfyUI"):
+        NODE_CLASS_MAPPINGS["Flux2AccelToModel"]().convert(handle)
+
+
+def test_unloading_a_pack_model_releases_the_store_without_patching_comfyui(tiny_models, monkeypatch):
+    """ComfyUI unloading one of the pack's models (its ModelPatcher's ON_DETACH) empties the pack's store and runs
+    the on_free_memory callbacks; comfy.model_management is left as it is."""
+    import types
+
+    from flux2_accel.nodes import comfy_services, native_model
+    from flux2_accel.optim.handle import STORE, ModelHandle
+
+    def unload_all_models():
+        return None
+
+    fake_mm = types.SimpleNamespace(unload_all_models=unload_all_models)
+    monkeypatch.setattr(comfy_services, "_mm", fake_mm)
+    monkeypatch.setattr(comfy_services, "_free_memory_callbacks", [])  # this test's hook only, removed after
+    calls = []
+    comfy_services.on_free_memory(lambda: calls.append("hook"))
+    STORE.transformer(ModelHandle(source=str(tiny_models.files["dev_comfy"])))
+    assert len(STORE) == 1
+    native_model.released()
+    assert len(STORE) == 0 and calls == ["hook"]
+    assert fake_mm.unload_all_models is unload_all_models  # nothing wrapped
