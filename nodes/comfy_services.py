@@ -171,23 +171,20 @@ class Progress:
         self._bar.update_absolute(step, self.total, preview)
 
 
+_free_memory_callbacks: list = []
+
+
 def on_free_memory(callback) -> None:
-    """Call `callback` whenever ComfyUI unloads models (the "Free model and node cache" button, low VRAM)."""
-    if _mm is None or getattr(_mm.unload_all_models, "_flux2_accel_hooks", None) is not None:
-        if _mm is not None:
-            _mm.unload_all_models._flux2_accel_hooks.append(callback)
-        return
-    original = _mm.unload_all_models
-    hooks = [callback]
+    """Call `callback` when ComfyUI unloads one of the pack's models (low memory, the "Free model and node cache"
+    button). ComfyUI tells the pack through its own model management: the pack's models are ModelPatchers it
+    tracks (nodes/native_model.py), whose unload runs `memory_released`. Nothing of ComfyUI is patched."""
+    if callback not in _free_memory_callbacks:
+        _free_memory_callbacks.append(callback)
 
-    def unload_all_models(*args, **kwargs):
-        result = original(*args, **kwargs)
-        for hook in hooks:
-            try:
-                hook()
-            except Exception:  # a failing hook must not break ComfyUI's own unloading
-                log.exception("flux2-accel: releasing models failed")
-        return result
 
-    unload_all_models._flux2_accel_hooks = hooks
-    _mm.unload_all_models = unload_all_models
+def memory_released() -> None:
+    for callback in list(_free_memory_callbacks):
+        try:
+            callback()
+        except Exception:  # a failing callback must not break ComfyUI's own unloading
+            log.exception("flux2-accel: releasing models failed")

@@ -42,15 +42,67 @@ FLUX2_T2I_FAST = {
 }
 FLUX2_T2I_FAST["5"] = (*FLUX2_T2I["5"][:3], {**FLUX2_T2I["5"][3], "model": ("8", 0)})
 WORKFLOWS = {"flux2_t2i": FLUX2_T2I, "flux2_t2i_fast": FLUX2_T2I_FAST}
+# The pack's NF4 model in ComfyUI's own sampling graph: loader -> Model to ComfyUI -> KSampler, with the pack's text
+# encoder bridged to CONDITIONING, FluxGuidance, and ComfyUI's VAE.
+FLUX2_NF4_KSAMPLER = {
+    "1": ("Flux2AccelLoadDiffusionModel", "Load Diffusion Model (FLUX.2)",
+          {"model_name": "flux2-dev.safetensors", "precision": "nf4", "offload": "none"}, {}),
+    "2": ("Flux2AccelLoadTextEncoder", "Load Text Encoder (FLUX.2)",
+          {"text_encoder_name": "mistral_3_small_flux2_fp8.safetensors", "precision": "fp8_e4m3fn"}, {}),
+    "3": ("Flux2AccelToModel", "Model to ComfyUI (FLUX.2)", {}, {"model": ("1", 0)}),
+    "4": ("Flux2AccelTextEncode", "Text Encode (FLUX.2)",
+          {"prompt": "A red fox sitting in fresh snow at golden hour, photo"}, {"text_encoder": ("2", 0)}),
+    "5": ("Flux2AccelToConditioning", "Conditioning to ComfyUI (FLUX.2)", {}, {"conditioning": ("4", 0)}),
+    "6": ("FluxGuidance", "FluxGuidance", {"guidance": 4.0}, {"conditioning": ("5", 0)}),
+    "7": ("EmptyFlux2LatentImage", "Empty Flux 2 Latent", {"width": 1024, "height": 1024, "batch_size": 1}, {}),
+    "8": ("KSampler", "KSampler",
+          {"seed": 42, "steps": 28, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0},
+          {"model": ("3", 0), "positive": ("6", 0), "negative": ("6", 0), "latent_image": ("7", 0)}),
+    "9": ("VAELoader", "Load VAE", {"vae_name": "flux2-vae.safetensors"}, {}),
+    "10": ("VAEDecode", "VAE Decode", {}, {"samples": ("8", 0), "vae": ("9", 0)}),
+    "11": ("SaveImage", "Save Image", {"filename_prefix": "flux2-accel-nf4"}, {"images": ("10", 0)}),
+}
+# Remote Text Encode feeding ComfyUI's own FLUX.2 graph (its loader, guider, FLUX.2 scheduler, sampler and VAE).
+FLUX2_REMOTE_NATIVE = {
+    "1": ("UNETLoader", "Load Diffusion Model", {"unet_name": "flux2_dev_fp8mixed.safetensors",
+                                                 "weight_dtype": "default"}, {}),
+    "2": ("Flux2AccelRemoteTextEncode", "Remote Text Encode (FLUX.2)",
+          {"prompt": "A red fox sitting in fresh snow at golden hour, photo",
+           "endpoint_url": "https://remote-text-encoder-flux-2.huggingface.co/predict",
+           "expects": "dev (Mistral 3, width 15360)", "use_cache": True, "timeout": 120}, {}),
+    "3": ("Flux2AccelToConditioning", "Conditioning to ComfyUI (FLUX.2)", {}, {"conditioning": ("2", 0)}),
+    "4": ("FluxGuidance", "FluxGuidance", {"guidance": 4.0}, {"conditioning": ("3", 0)}),
+    "5": ("BasicGuider", "BasicGuider", {}, {"model": ("1", 0), "conditioning": ("4", 0)}),
+    "6": ("Flux2Scheduler", "Flux2Scheduler", {"steps": 28, "width": 1024, "height": 1024}, {}),
+    "7": ("KSamplerSelect", "KSamplerSelect", {"sampler_name": "euler"}, {}),
+    "8": ("RandomNoise", "RandomNoise", {"noise_seed": 42}, {}),
+    "9": ("EmptyFlux2LatentImage", "Empty Flux 2 Latent", {"width": 1024, "height": 1024, "batch_size": 1}, {}),
+    "10": ("SamplerCustomAdvanced", "SamplerCustomAdvanced", {},
+           {"noise": ("8", 0), "guider": ("5", 0), "sampler": ("7", 0), "sigmas": ("6", 0),
+            "latent_image": ("9", 0)}),
+    "11": ("VAELoader", "Load VAE", {"vae_name": "flux2-vae.safetensors"}, {}),
+    "12": ("VAEDecode", "VAE Decode", {}, {"samples": ("10", 0), "vae": ("11", 0)}),
+    "13": ("SaveImage", "Save Image", {"filename_prefix": "flux2-accel-remote"}, {"images": ("12", 0)}),
+}
+WORKFLOWS.update({"flux2_nf4_ksampler": FLUX2_NF4_KSAMPLER, "flux2_remote_native": FLUX2_REMOTE_NATIVE})
 # Canvas positions [x, y]: loaders in a column, then encode, sampler (tall: its statistics box grows), save; the
 # speed nodes below the loaders.
 LAYOUT = {"1": [40, 60], "2": [40, 220], "3": [40, 380], "4": [420, 60], "5": [420, 330], "6": [800, 60],
           "7": [40, 540], "8": [40, 820]}
+# Workflows laid out on their own grid: id -> [x, y]
+LAYOUTS = {
+    "flux2_nf4_ksampler": {"1": [40, 60], "2": [40, 220], "3": [420, 60], "4": [420, 200], "5": [420, 420],
+                           "6": [420, 540], "7": [40, 380], "8": [800, 60], "9": [800, 420], "10": [1180, 60],
+                           "11": [1180, 200]},
+    "flux2_remote_native": {"1": [40, 60], "2": [40, 220], "3": [420, 220], "4": [420, 340], "5": [800, 60],
+                            "6": [40, 520], "7": [420, 480], "8": [420, 600], "9": [40, 680], "10": [800, 220],
+                            "11": [800, 500], "12": [1180, 60], "13": [1180, 200]},
+}
 # Node heights on the canvas (the frontend grows a node to fit its widgets).
 HEIGHTS = {"Flux2AccelSampler": 330, "Flux2AccelStepCache": 250, "Flux2AccelCompile": 230}
 
 # Widgets the frontend adds after a value: seeds get a "control after generate" entry.
-CONTROL_AFTER = {"seed": "fixed"}
+CONTROL_AFTER = {"seed": "fixed", "noise_seed": "fixed"}
 # Socket types of each node's outputs and linked inputs, for the UI format.
 OUTPUT_TYPES = {
     "Flux2AccelLoadDiffusionModel": [("model", "FLUX2_MODEL")],
@@ -61,6 +113,21 @@ OUTPUT_TYPES = {
     "Flux2AccelStepCache": [("model", "FLUX2_MODEL")],
     "Flux2AccelCompile": [("model", "FLUX2_MODEL")],
     "SaveImage": [],
+    "Flux2AccelToModel": [("model", "MODEL")],
+    "Flux2AccelToConditioning": [("conditioning", "CONDITIONING")],
+    "Flux2AccelFromConditioning": [("conditioning", "FLUX2_CONDITIONING")],
+    "Flux2AccelRemoteTextEncode": [("conditioning", "FLUX2_CONDITIONING")],
+    "FluxGuidance": [("CONDITIONING", "CONDITIONING")],
+    "EmptyFlux2LatentImage": [("LATENT", "LATENT")],
+    "KSampler": [("LATENT", "LATENT")],
+    "VAELoader": [("VAE", "VAE")],
+    "VAEDecode": [("IMAGE", "IMAGE")],
+    "UNETLoader": [("MODEL", "MODEL")],
+    "BasicGuider": [("GUIDER", "GUIDER")],
+    "Flux2Scheduler": [("SIGMAS", "SIGMAS")],
+    "KSamplerSelect": [("SAMPLER", "SAMPLER")],
+    "RandomNoise": [("NOISE", "NOISE")],
+    "SamplerCustomAdvanced": [("output", "LATENT"), ("denoised_output", "LATENT")],
 }
 
 
@@ -70,7 +137,8 @@ def api_format(graph: dict) -> dict:
             for nid, (cls, title, widgets, links) in graph.items()}
 
 
-def ui_format(graph: dict) -> dict:
+def ui_format(graph: dict, layout: dict | None = None) -> dict:
+    layout = layout or LAYOUT
     nodes, links = [], []
     out_links = {}
     for nid, (cls, _, _, inputs) in graph.items():
@@ -91,7 +159,7 @@ def ui_format(graph: dict) -> dict:
             node_inputs.append({"name": name, "type": link[5], "link": link[0]})
         outputs = [{"name": name, "type": typ, "links": out_links.get((nid, slot), []), "slot_index": slot}
                    for slot, (name, typ) in enumerate(OUTPUT_TYPES[cls])]
-        nodes.append({"id": int(nid), "type": cls, "title": title, "pos": LAYOUT[nid],
+        nodes.append({"id": int(nid), "type": cls, "title": title, "pos": layout[nid],
                       "size": [340, HEIGHTS.get(cls, 120)], "flags": {}, "order": order,
                       "mode": 0, "inputs": node_inputs, "outputs": outputs,
                       "properties": {"Node name for S&R": cls}, "widgets_values": values})
@@ -107,7 +175,7 @@ def ui_format(graph: dict) -> dict:
 def render() -> dict[Path, str]:
     files = {}
     for name, graph in WORKFLOWS.items():
-        ui = json.dumps(ui_format(graph), indent=2) + "\n"
+        ui = json.dumps(ui_format(graph, LAYOUTS.get(name)), indent=2) + "\n"
         files[ROOT / "workflows" / f"{name}.json"] = ui
         files[ROOT / "workflows" / f"{name}_api.json"] = json.dumps(api_format(graph), indent=2) + "\n"
         files[ROOT / "example_workflows" / f"{name}.json"] = ui

@@ -128,24 +128,6 @@ def test_services_degrade_without_comfyui():
     comfy_services.Progress(3).update(1, lambda: torch.zeros(1, 128, 2, 2))
 
 
-def test_models_are_released_when_comfyui_frees_memory(models_dir, monkeypatch):
-    """ComfyUI's unload_all_models (the "Free model and node cache" button) also empties our store."""
-    import types
-
-    calls = []
-    fake_mm = types.SimpleNamespace(unload_all_models=lambda: calls.append("comfy"),
-                                    get_torch_device=lambda: torch.device("cpu"), processing_interrupted=lambda: False)
-    monkeypatch.setattr(comfy_services, "_mm", fake_mm)
-    comfy_services.on_free_memory(STORE.clear)
-    _generate()
-    assert len(STORE) == 3  # transformer, VAE, text encoder
-    fake_mm.unload_all_models()
-    assert calls == ["comfy"] and len(STORE) == 0
-    comfy_services.on_free_memory(lambda: calls.append("second hook"))  # hooks chain onto one wrapper
-    fake_mm.unload_all_models()
-    assert calls == ["comfy", "comfy", "second hook"]
-
-
 def test_compile_node_in_the_graph_matches_eager_and_compiles_the_vae_decoder(models_dir):
     from flux2_accel.optim.compile import CompileSettings
 

@@ -14,7 +14,25 @@ ROOT = Path(__file__).resolve().parents[1]
 # Native ComfyUI nodes the workflows use, with the inputs and outputs they have in ComfyUI 0.8.
 NATIVE = {"SaveImage": ({"images": "IMAGE", "filename_prefix": "STRING"}, []),
           "PreviewImage": ({"images": "IMAGE"}, [])}
-DYNAMIC_COMBOS = {"model_name", "text_encoder_name", "vae_name", "lora_name"}  # filled from model folders
+SAMPLERS = ["euler", "euler_ancestral", "heun", "dpmpp_2m", "res_multistep"]  # a few of ComfyUI's
+NATIVE.update({
+    "KSampler": ({"model": "MODEL", "seed": "INT", "steps": "INT", "cfg": "FLOAT", "sampler_name": SAMPLERS,
+                  "scheduler": ["simple", "normal", "karras", "beta"], "positive": "CONDITIONING",
+                  "negative": "CONDITIONING", "latent_image": "LATENT", "denoise": "FLOAT"}, ["LATENT"]),
+    "EmptyFlux2LatentImage": ({"width": "INT", "height": "INT", "batch_size": "INT"}, ["LATENT"]),
+    "FluxGuidance": ({"conditioning": "CONDITIONING", "guidance": "FLOAT"}, ["CONDITIONING"]),
+    "VAELoader": ({"vae_name": []}, ["VAE"]),
+    "VAEDecode": ({"samples": "LATENT", "vae": "VAE"}, ["IMAGE"]),
+    "UNETLoader": ({"unet_name": [], "weight_dtype": ["default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"]},
+                   ["MODEL"]),
+    "BasicGuider": ({"model": "MODEL", "conditioning": "CONDITIONING"}, ["GUIDER"]),
+    "Flux2Scheduler": ({"steps": "INT", "width": "INT", "height": "INT"}, ["SIGMAS"]),
+    "KSamplerSelect": ({"sampler_name": SAMPLERS}, ["SAMPLER"]),
+    "RandomNoise": ({"noise_seed": "INT"}, ["NOISE"]),
+    "SamplerCustomAdvanced": ({"noise": "NOISE", "guider": "GUIDER", "sampler": "SAMPLER", "sigmas": "SIGMAS",
+                               "latent_image": "LATENT"}, ["LATENT", "LATENT"]),
+})
+DYNAMIC_COMBOS = {"model_name", "text_encoder_name", "vae_name", "lora_name", "unet_name"}  # from model folders
 
 
 def _builder():
@@ -110,7 +128,7 @@ def test_ui_workflow_is_valid(path):
         values = list(n["widgets_values"])
         for name in widget_names:
             check_widget(ct, name, values.pop(0))
-            if name == "seed":
+            if name in ("seed", "noise_seed"):
                 assert values.pop(0) in ("fixed", "increment", "decrement", "randomize")
         assert values == [], f"{ct}: extra widget values {values}"
     for link_id, src, src_slot, dst, dst_slot, typ in wf["links"]:

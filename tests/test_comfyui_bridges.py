@@ -1,0 +1,284 @@
+"""The bridges inside a real ComfyUI, over its HTTP API. Runs when COMFYUI_DIR points at a ComfyUI checkout.
+
+ComfyUI runs with the pack and a test-only node folder (tests/comfyui_test_nodes: a tiny native CONDITIONING, since
+ComfyUI's FLUX.2 CLIP loader only builds full-size Mistral 3), and with FLUX2_ACCEL_REMOTE_TOKEN in its environment
+for the pack's own text-encoder server (`flux2-accel serve-text-encoder`), started on loopback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from flux2_accel.optim import tiny
+
+from test_comfyui_real import COMFYUI_DIR, ROOT, _free_port, _get, _post, _run, _write_comfy_lora
+
+pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to run the pack in a real ComfyUI")
+TOKEN = "bridge-tok-93c1d7"
+MEDIUM = tiny.ComponentSpec(num_layers=1, num_single_layers=4, attention_head_dim=64, num_attention_heads=16)
+
+
+def _wait_for(url, proc, log_path, what):
+    deadline = time.time() + 180
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except urllib.error.HTTPError:
+            return  # it answers
+        except (urllib.error.URLError, ConnectionError, OSError):
+            if proc.poll() is not None or time.time() > deadline:
+                pytest.fail(f"{what} did not start:\n{Path(log_path).read_text()[-3000:]}")
+            time.sleep(1)
+
+
+def _stop(proc):
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def bridged(tiny_models, tmp_path_factory):
+    import torch
+    from safetensors.torch import save_file
+
+    base = tmp_path_factory.mktemp("comfy_bridges")
+    (base / "custom_nodes").mkdir()
+    os.symlink(ROOT, base / "custom_nodes" / "flux2-accel")
+    os.symlink(ROOT / "tests" / "comfyui_test_nodes" / "flux2_accel_test_nodes",
+               base / "custom_nodes" / "flux2_accel_test_nodes")
+    models = base / "models"
+    for folder, label, name in (("diffusion_models", "dev_comfy", "tiny_flux2_dev.safetensors"),
+                                ("vae", "vae_ldm", "tiny_flux2_vae.safetensors"),
+                                ("text_encoders", "mistral_comfy", "tiny_mistral.safetensors")):
+        (models / folder).mkdir(parents=True, exist_ok=True)
+        shutil.copy(tiny_models.files[label], models / folder / name)
+    shutil.copytree(tiny_models.root / "text_encoders" / "mistral_comfy_tokenizer",
+                    models / "text_encoders" / "tiny_mistral_tokenizer")
+    (models / "loras").mkdir()
+    _write_comfy_lora(tiny_models.files["dev_comfy"], models / "loras" / "tiny_style.safetensors")
+    # big enough (~190 MB in bf16) that freeing it shows in the process's resident memory
+    medium = tiny.build_transformer(MEDIUM, seed=3, dtype=torch.bfloat16)
+    save_file({k: v.contiguous() for k, v in medium.state_dict().items()},
+              str(models / "diffusion_models" / "medium_flux2_dev.safetensors"))
+    del medium
+    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "FLUX2_ACCEL_REMOTE_TOKEN": TOKEN,
+           "FLUX2_ACCEL_EMBEDDING_CACHE_DIR": str(base / "embeddings")}
+    te_port, port = _free_port(), _free_port()
+    te_log = open(base / "text_encoder.log", "w")
+    te = subprocess.Popen(
+        [python, "-c", "import sys; from flux2_accel.optim import cli; sys.exit(cli.main(sys.argv[1:]))",
+         "serve-text-encoder", "--text-encoder", str(tiny_models.files["mistral_comfy"]), "--device", "cpu",
+         "--host", "127.0.0.1", "--port", str(te_port)],
+        stdout=te_log, stderr=subprocess.STDOUT, env={**env, "PYTHONPATH": os.environ.get("PYTHONPATH", "")})
+    log_path = base / "comfyui.log"
+    log = open(log_path, "w")
+    proc = subprocess.Popen(
+        [python, "-u", str(ROOT / "tests" / "comfyui_launcher.py"), COMFYUI_DIR, "--cpu", "--listen", "127.0.0.1",
+         "--port", str(port), "--base-directory", str(base), "--database-url", "sqlite:///:memory:",
+         "--disable-api-nodes"],
+        cwd=COMFYUI_DIR, stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_for(url + "/system_stats", proc, log_path, "ComfyUI")
+        _wait_for(f"http://127.0.0.1:{te_port}/", te, base / "text_encoder.log", "the text encoder server")
+        yield url, base, log_path, f"http://127.0.0.1:{te_port}/predict", proc.pid
+    finally:
+        _stop(proc), _stop(te)
+        log.close(), te_log.close()
+
+
+def _queue_error(url, log_path, graph, timeout=240) -> dict:
+    """Queue `graph`; it must fail at run time. Returns the execution_error message of its history."""
+    prompt_id = _post(url + "/prompt", {"prompt": graph, "client_id": "flux2-accel-test"})["prompt_id"]
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        history = _get(url + f"/history/{prompt_id}")
+        if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
+            break
+        time.sleep(1)
+    else:
+        pytest.fail(f"prompt did not finish; log:\n{log_path.read_text()[-3000:]}")
+    status = history[prompt_id]["status"]
+    assert status["status_str"] == "error", json.dumps(status)[-2000:]
+    errors = [m[1] for m in status["messages"] if m[0] == "execution_error"]
+    assert errors, status
+    return errors[0]
+
+
+def _png(base, entry, node="9"):
+    from PIL import Image
+
+    saved = entry["outputs"][node]["images"][0]
+    return Image.open(base / "output" / saved.get("subfolder", "") / saved["filename"])
+
+
+def _native_graph(model_name="tiny_flux2_dev.safetensors", precision="bf16", positive=None, steps=2, width=64,
+                  height=48) -> dict:
+    """The pack's loader -> Model to ComfyUI -> KSampler (euler, simple) -> the pack's VAE decode -> SaveImage."""
+    graph = {
+        "1": {"class_type": "Flux2AccelLoadDiffusionModel",
+              "inputs": {"model_name": model_name, "precision": precision, "offload": "none"}},
+        "2": {"class_type": "Flux2AccelToModel", "inputs": {"model": ["1", 0]}},
+        "3": {"class_type": "Flux2AccelLoadTextEncoder",
+              "inputs": {"text_encoder_name": "tiny_mistral.safetensors", "precision": "bf16"}},
+        "4": {"class_type": "Flux2AccelTextEncode", "inputs": {"text_encoder": ["3", 0], "prompt": "a red dog"}},
+        "5": {"class_type": "Flux2AccelToConditioning", "inputs": {"conditioning": ["4", 0]}},
+        "6": {"class_type": "Flux2AccelTestEmptyLatent", "inputs": {"channels": 16, "width": width, "height": height}},
+        "7": {"class_type": "KSampler",
+              "inputs": {"model": ["2", 0], "positive": positive or ["5", 0], "negative": positive or ["5", 0],
+                         "latent_image": ["6", 0], "seed": 4, "steps": steps, "cfg": 1.0, "sampler_name": "euler",
+                         "scheduler": "simple", "denoise": 1.0}},
+        "8": {"class_type": "Flux2AccelVAEDecode", "inputs": {"vae": ["10", 0], "latent": ["7", 0]}},
+        "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "bridge"}},
+        "10": {"class_type": "Flux2AccelLoadVAE", "inputs": {"vae_name": "tiny_flux2_vae.safetensors",
+                                                             "dtype": "fp32"}},
+    }
+    return graph
+
+
+def test_pack_model_through_ksampler_with_guidance_and_reference(bridged):
+    """nf4 weights (bitsandbytes) through the MODEL bridge into KSampler; FluxGuidance and ReferenceLatent change
+    the image, so both reach the pack's transformer."""
+    url, base, log_path, _, _ = bridged
+    plain_graph = _native_graph(precision="nf4")
+    plain = _png(base, _run(url, log_path, plain_graph))
+    assert plain.size == (64, 48)
+    graph = _native_graph(precision="nf4")
+    graph["11"] = {"class_type": "FluxGuidance", "inputs": {"conditioning": ["5", 0], "guidance": 9.0}}
+    graph["7"]["inputs"]["positive"] = ["11", 0]
+    guided = _png(base, _run(url, log_path, graph))
+    assert guided.tobytes() != plain.tobytes()
+    graph["12"] = {"class_type": "Flux2AccelVAEEncode", "inputs": {"vae": ["10", 0], "image": ["8", 0]}}
+    graph["13"] = {"class_type": "ReferenceLatent", "inputs": {"conditioning": ["11", 0], "latent": ["12", 0]}}
+    graph["14"] = {"class_type": "KSampler", "inputs": {**graph["7"]["inputs"], "positive": ["13", 0],
+                                                        "negative": ["13", 0]}}
+    graph["15"] = {"class_type": "Flux2AccelVAEDecode", "inputs": {"vae": ["10", 0], "latent": ["14", 0]}}
+    graph["9"]["inputs"]["images"] = ["15", 0]
+    referenced = _png(base, _run(url, log_path, graph))
+    assert referenced.size == (64, 48) and referenced.tobytes() != guided.tobytes()
+
+
+def test_native_lora_loader_is_refused_with_a_pointer_to_the_lora_stack(bridged):
+    url, base, log_path, _, _ = bridged
+    graph = _native_graph()
+    graph["11"] = {"class_type": "LoraLoaderModelOnly",
+                   "inputs": {"model": ["2", 0], "lora_name": "tiny_style.safetensors", "strength_model": 1.0}}
+    graph["7"]["inputs"]["model"] = ["11", 0]
+    error = _queue_error(url, log_path, graph)
+    assert error["node_type"] == "LoraLoaderModelOnly"
+    assert "LoRA Stack (FLUX.2)" in error["exception_message"]
+
+
+def test_remote_text_encode_feeds_comfyuis_sampler(bridged):
+    """Remote Text Encode against the pack's own server (token from ComfyUI's environment) -> Conditioning to
+    ComfyUI -> SamplerCustomAdvanced (BasicGuider, Flux2Scheduler, euler) on the bridged model."""
+    url, base, log_path, te_url, _ = bridged
+    graph = _native_graph()
+    graph["4"] = {"class_type": "Flux2AccelRemoteTextEncode",
+                  "inputs": {"prompt": "a red dog", "endpoint_url": te_url, "expects": "any (the sampler checks)",
+                             "use_cache": False, "timeout": 60}}
+    del graph["3"], graph["7"]
+    graph.update({
+        "20": {"class_type": "BasicGuider", "inputs": {"model": ["2", 0], "conditioning": ["5", 0]}},
+        "21": {"class_type": "Flux2Scheduler", "inputs": {"steps": 2, "width": 64, "height": 48}},
+        "22": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
+        "23": {"class_type": "RandomNoise", "inputs": {"noise_seed": 4}},
+        "24": {"class_type": "SamplerCustomAdvanced",
+               "inputs": {"noise": ["23", 0], "guider": ["20", 0], "sampler": ["22", 0], "sigmas": ["21", 0],
+                          "latent_image": ["6", 0]}},
+    })
+    graph["8"]["inputs"]["latent"] = ["24", 0]
+    img = _png(base, _run(url, log_path, graph))
+    assert img.size == (64, 48)
+    assert TOKEN not in log_path.read_text()
+
+
+def _pack_sampler_graph(tokens=12, width=96) -> dict:
+    """A native CONDITIONING (test node, laid out as CLIPTextEncode lays out FLUX.2's) -> Conditioning to FLUX.2 ->
+    the pack's sampler."""
+    return {
+        "1": {"class_type": "Flux2AccelLoadDiffusionModel",
+              "inputs": {"model_name": "tiny_flux2_dev.safetensors", "precision": "bf16", "offload": "none"}},
+        "2": {"class_type": "Flux2AccelTestNativeConditioning", "inputs": {"tokens": tokens, "width": width,
+                                                                          "seed": 1}},
+        "3": {"class_type": "Flux2AccelLoadVAE", "inputs": {"vae_name": "tiny_flux2_vae.safetensors",
+                                                            "dtype": "fp32"}},
+        "4": {"class_type": "Flux2AccelFromConditioning", "inputs": {"conditioning": ["2", 0]}},
+        "5": {"class_type": "Flux2AccelSampler",
+              "inputs": {"model": ["1", 0], "vae": ["3", 0], "conditioning": ["4", 0], "width": 64, "height": 48,
+                         "steps": 2, "guidance": 4.0, "seed": 2, "batch_size": 1}},
+        "9": {"class_type": "SaveImage", "inputs": {"images": ["5", 0], "filename_prefix": "from_native"}},
+    }
+
+
+def test_native_conditioning_feeds_the_pack_sampler(bridged):
+    url, base, log_path, _, _ = bridged
+    img = _png(base, _run(url, log_path, _pack_sampler_graph()))
+    assert img.size == (64, 48)
+
+
+def test_wrong_width_is_refused_clearly_and_the_next_prompt_works(bridged):
+    url, base, log_path, _, _ = bridged
+    # native path: a width-64 CONDITIONING into the bridged [dev] model (width 96)
+    graph = _native_graph(positive=["11", 0])
+    graph["11"] = {"class_type": "Flux2AccelTestNativeConditioning", "inputs": {"tokens": 9, "width": 64,
+                                                                                "seed": 0}}
+    error = _queue_error(url, log_path, graph)
+    assert error["node_type"] == "KSampler"
+    assert "width 64" in error["exception_message"] and "expects width 96" in error["exception_message"]
+    # the pack's path: the same conditioning into the pack's sampler
+    error = _queue_error(url, log_path, _pack_sampler_graph(width=64))
+    assert error["node_type"] == "Flux2AccelSampler"
+    assert "width 64" in error["exception_message"] and "expects width 96" in error["exception_message"]
+    assert _png(base, _run(url, log_path, _native_graph())).size == (64, 48)
+
+
+def _free(url):
+    request = urllib.request.Request(url + "/free", data=json.dumps({"unload_models": True, "free_memory": True})
+                                     .encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as reply:
+        assert reply.status == 200
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_free_releases_the_pack_model(bridged):
+    """POST /free {"unload_models": true, "free_memory": true} (the "Free model and node cache" button): ComfyUI
+    unloads the bridged model, the pack's store lets go of it, and the process's resident memory drops by about
+    the model's size."""
+    url, base, log_path, _, pid = bridged
+    _free(url)
+    time.sleep(3)
+    before = _rss_kib(pid)
+    graph = _native_graph(model_name="medium_flux2_dev.safetensors", steps=1, width=32, height=32)
+    _run(url, log_path, graph)
+    loaded = _rss_kib(pid)
+    model_kib = (base / "models" / "diffusion_models" / "medium_flux2_dev.safetensors").stat().st_size // 1024
+    assert loaded - before > 0.8 * model_kib, (before, loaded, model_kib)
+    _free(url)
+    deadline = time.time() + 30
+    while time.time() < deadline and _rss_kib(pid) > loaded - 0.8 * model_kib:
+        time.sleep(1)
+    freed = loaded - _rss_kib(pid)
+    assert freed > 0.8 * model_kib, (before, loaded, _rss_kib(pid), model_kib)
+    assert _png(base, _run(url, log_path, _native_graph())).size == (64, 48)  # and it loads again afterwards
