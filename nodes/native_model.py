@@ -20,12 +20,15 @@ weights are diffusers' and quantized layouts (nf4, per-row fp8) that ComfyUI's p
 
 from __future__ import annotations
 
+import contextlib
+
 import logging
 import weakref
 
 from ..optim.checkpoint import return_free_heap
 from ..optim.errors import Flux2AccelError, InputError
-from ..optim.handle import STORE, RunReport
+from ..optim.feature_api import RunReport
+from ..optim.store import STORE
 from ..optim.native_forward import NativeFlux2
 from ..optim.sampling import SamplingParams
 from . import comfy_services
@@ -176,3 +179,18 @@ def load_for_sampling(handle, transformer) -> None:
     if patcher is None or patcher.model.diffusion_model.transformer is not transformer:
         patcher = _MANAGED[handle.base_key] = native_patcher(handle, transformer)
     comfy.model_management.load_models_gpu([patcher])
+
+
+def managed_by_comfyui(handle) -> tuple:
+    """What the pack's own sampler enters around a run so ComfyUI's model management tracks its transformer: it
+    counts it when it needs memory, and its unloading (low memory, "Free model and node cache") releases the pack's
+    store. Only with offload "none": the offload modes move the weights themselves. Nothing outside ComfyUI."""
+    if not comfy_services.IN_COMFYUI or handle.offload != "none":
+        return ()
+
+    @contextlib.contextmanager
+    def tracked(transformer):
+        load_for_sampling(handle, transformer)
+        yield
+
+    return (tracked,)

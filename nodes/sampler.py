@@ -7,11 +7,9 @@ import logging
 from ..optim import engine
 from ..optim.errors import Interrupted
 from ..optim.sampling import MAX_RESOLUTION, MAX_SEED, SamplingParams
-from ..optim.store import STORE
-from . import comfy_services
+from . import comfy_services, native_model
 
 log = logging.getLogger("flux2_accel")
-comfy_services.on_free_memory(STORE.clear)
 
 
 class Flux2AccelSampler:
@@ -58,7 +56,8 @@ class Flux2AccelSampler:
             result = engine.run(model, vae, conditioning, params, reference_images=reference_images,
                                 negative=negative, device=comfy_services.torch_device(),
                                 on_step=lambda i, n, get: progress.update(i, get),
-                                should_interrupt=comfy_services.interrupt_requested)
+                                should_interrupt=comfy_services.interrupt_requested,
+                                around=native_model.managed_by_comfyui(model))
         except Interrupted:
             comfy_services.raise_if_interrupted()
             raise

@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 
 from flux2_accel.nodes import comfy_services
 from flux2_accel.optim.errors import ModelFileError
-from flux2_accel.optim.handle import STORE, ModelHandle, TextEncoderHandle, VaeHandle
+from flux2_accel.optim.handle import ModelHandle, TextEncoderHandle, VaeHandle
+from flux2_accel.optim.store import STORE
 from flux2_accel.optim.lora import LoraSpec
 from flux2_accel.optim.lora.stack import tuner_layers
 

@@ -234,7 +234,8 @@ def test_unloading_a_pack_model_releases_the_store_without_patching_comfyui(tiny
     import types
 
     from flux2_accel.nodes import comfy_services, native_model
-    from flux2_accel.optim.handle import STORE, ModelHandle
+    from flux2_accel.optim.handle import ModelHandle
+    from flux2_accel.optim.store import STORE
 
     def unload_all_models():
         return None

@@ -262,15 +262,26 @@ def _rss_kib(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-def test_free_releases_the_pack_model(bridged):
+def _medium_model_graph(path: str) -> dict:
+    if path == "bridge":
+        return _native_graph(model_name="medium_flux2_dev.safetensors", steps=1, width=32, height=32)
+    graph = _pack_sampler_graph()
+    graph["1"]["inputs"]["model_name"] = "medium_flux2_dev.safetensors"
+    graph["2"]["inputs"]["width"] = MEDIUM.transformer_config()["joint_attention_dim"]
+    graph["5"]["inputs"].update(steps=1, width=32, height=32)
+    return graph
+
+
+@pytest.mark.parametrize("path", ["bridge", "pack_sampler"])
+def test_free_releases_the_pack_model(bridged, path):
     """POST /free {"unload_models": true, "free_memory": true} (the "Free model and node cache" button): ComfyUI
-    unloads the bridged model, the pack's store lets go of it, and the process's resident memory drops by about
-    the model's size."""
+    unloads the pack's model, whether it ran through the MODEL bridge or the pack's own sampler (offload none), the
+    pack's store lets go of it, and the process's resident memory drops by about the model's size."""
     url, base, log_path, _, pid = bridged
     _free(url)
     time.sleep(3)
     before = _rss_kib(pid)
-    graph = _native_graph(model_name="medium_flux2_dev.safetensors", steps=1, width=32, height=32)
+    graph = _medium_model_graph(path)
     _run(url, log_path, graph)
     loaded = _rss_kib(pid)
     model_kib = (base / "models" / "diffusion_models" / "medium_flux2_dev.safetensors").stat().st_size // 1024
