@@ -116,3 +116,65 @@ def test_wrong_component_and_precision_are_named(tiny_models):
 def test_format_bytes():
     assert [format_bytes(n) for n in (17_800_000_000, 412_300_000, 3100, 12)] == ["17.8 GB", "412 MB", "3.1 KB",
                                                                                "12 B"]
+
+
+# ---------------------------------------------------------------- the route the loader nodes' display calls
+
+
+def _get_estimates(queries: list[dict]) -> list[tuple[int, dict]]:
+    """GET /flux2accel/estimate through the pack's aiohttp route table, on loopback."""
+    import asyncio
+
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from flux2_accel.nodes import routes
+
+    async def main():
+        table = web.RouteTableDef()
+        routes.register(table)
+        app = web.Application()
+        app.add_routes(table)
+        async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+            out = []
+            for q in queries:
+                reply = await client.get(routes.ESTIMATE_PATH, params=q)
+                out.append((reply.status, await reply.json()))
+            return out
+
+    return asyncio.run(main())
+
+
+def test_estimate_route(tiny_models, monkeypatch, tmp_path):
+    pytest.importorskip("aiohttp")
+    monkeypatch.setenv("FLUX2_ACCEL_MODELS_DIR", str(tiny_models.root))
+    broken = tiny_models.root / "diffusion_models" / "broken_estimate.safetensors"
+    broken.write_bytes(b"\x00" * 4)
+    outside = tmp_path / "outside.safetensors"
+    outside.write_bytes(tiny_models.files["dev_bfl"].read_bytes())
+    try:
+        replies = _get_estimates([
+            {"kind": "diffusion_model", "name": "dev_bfl.safetensors", "precision": "nf4"},
+            {"kind": "text_encoder", "name": "mistral_comfy.safetensors", "precision": "fp8_e4m3fn"},
+            {"kind": "diffusion_model", "name": "[diffusers] tiny_dev", "precision": "bf16"},
+            {"kind": "diffusion_model", "name": "../../" + str(outside), "precision": "bf16"},
+            {"kind": "diffusion_model", "name": str(outside), "precision": "bf16"},
+            {"kind": "vae", "name": "flux2-vae-tiny.safetensors", "precision": "bf16"},
+            {"kind": "diffusion_model", "name": "dev_bfl.safetensors", "precision": "int3"},
+            {"kind": "diffusion_model", "name": "broken_estimate.safetensors", "precision": "bf16"},
+            {"kind": "text_encoder", "name": "dev_bfl.safetensors", "precision": "bf16"},
+        ])
+    finally:
+        broken.unlink()
+    f = tiny_models.files
+    nf4 = estimate_weight_bytes(f["dev_bfl"], "nf4")
+    assert replies[0] == (200, {"bytes": nf4, "text": f"≈{format_bytes(nf4)} at nf4"})
+    te = estimate_weight_bytes(f["mistral_comfy"], "fp8_e4m3fn", layouts.TEXT_ENCODER)
+    assert replies[1] == (200, {"bytes": te, "text": f"≈{format_bytes(te)} at fp8_e4m3fn"})
+    assert replies[2][0] == 200 and replies[2][1]["bytes"] == estimate_weight_bytes(f["dev_folder"], "bf16")
+    for status, body in replies[3:5]:  # names outside the model folders are never opened
+        assert status == 400 and "is not a model in models/diffusion_models" in body["error"]
+    assert replies[5] == (400, {"error": "kind 'vae' is not one of diffusion_model, text_encoder"})
+    assert replies[6][0] == 400 and "precision 'int3'" in replies[6][1]["error"]
+    assert replies[7][0] == 400 and "broken_estimate.safetensors" in replies[7][1]["error"]
+    assert replies[8][0] == 400 and "models/text_encoders" in replies[8][1]["error"]
