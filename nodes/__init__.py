@@ -14,3 +14,7 @@ for _name in NODE_MODULES:
     _module = importlib.import_module(f".{_name}", __name__)
     NODE_CLASS_MAPPINGS.update(_module.NODE_CLASS_MAPPINGS)
     NODE_DISPLAY_NAME_MAPPINGS.update(_module.NODE_DISPLAY_NAME_MAPPINGS)
+
+from .routes import register_with_comfyui  # noqa: E402  (the frontend's HTTP routes; nothing outside ComfyUI)
+
+register_with_comfyui()

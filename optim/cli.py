@@ -18,6 +18,7 @@ COMMANDS = {
     "serve-text-encoder": ("remote.server", "serve a local text encoder over HTTP for Remote Text Encode nodes"),
     "calibrate-teacache": ("caching.calibrate", "fit TeaCache coefficients for a FLUX.2 model from real runs"),
     "bench": ("bench", "benchmark the pack's rows against bare diffusers on random weights (time, memory, fidelity)"),
+    "queue": ("queue_client", "queue an API-format workflow on a running ComfyUI, show progress, save its images"),
 }
 
 
