@@ -64,7 +64,11 @@ class Flux2AccelSampler:
         lines = result.stats_lines()
         for line in lines:
             log.info("flux2-accel %s", line)
-        return {"ui": {"flux2_stats": lines}, "result": (result.image, {"samples": result.latent})}
+        ui = {"flux2_stats": lines}
+        timeline = result.cache_timeline()
+        if timeline:
+            ui["flux2_timeline"] = timeline
+        return {"ui": ui, "result": (result.image, {"samples": result.latent})}
 
 
 NODE_CLASS_MAPPINGS = {"Flux2AccelSampler": Flux2AccelSampler}

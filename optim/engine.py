@@ -22,6 +22,7 @@ from .errors import NonFiniteError
 from .feature_api import RunReport
 from .memory import check_fits, estimate_run_bytes
 from .offload import offloaded
+from .caching.decision import TIMELINE_KEY
 from .sampling import SamplingParams, StepCallback, sample
 from .store import STORE, ModelStore
 from .text_encoding import Flux2Conditioning
@@ -36,13 +37,20 @@ class RunResult:
     def stats_lines(self) -> list[str]:
         return format_stats(self.report.stats)
 
+    def cache_timeline(self) -> list[str]:
+        """The step cache's decisions, one "branch:CCSC..." row per CFG branch (C computed, S skipped); empty
+        without a step cache."""
+        rows = self.report.stats.get("cache", {}).get(TIMELINE_KEY, {})
+        return [f"{name}:{decisions}" for name, decisions in rows.items()]
+
 
 def format_stats(stats: dict) -> list[str]:
     """What the features reported, one line per feature ("cache: method=fbcache, computed_steps=20, ...")."""
     lines = []
     for name, values in stats.items():
         if isinstance(values, dict):
-            body = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+            body = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()
+                             if not isinstance(v, dict))  # nested data (the cache timeline) is not for text
         else:
             body = str(values)
         lines.append(f"{name}: {body}")

@@ -147,6 +147,7 @@ def test_high_threshold_skips_with_warmup_and_consecutive_limit(models, method, 
         latent, stats = cached_sample(transformer, vae, cond, P6, CacheSettings(method, **HIGH))
     # step 0 warmup, 1-2 skipped, 3 forced by the consecutive limit, 4-5 skipped
     assert (stats["computed_steps"], stats["skipped_steps"], stats["total_steps"]) == (2, 4, 6)
+    assert stats["timeline"] == {"cond": "CSSCSS"}
     assert counts == {"first": first_block_runs, "last": 2}
     assert stats["method"] == method and stats["estimated_time_saved_s"] >= 0.0
     assert not torch.equal(latent, base) and torch.isfinite(latent).all()
@@ -186,6 +187,7 @@ def test_klein_cfg_branches_keep_separate_state(models, method):
                                  family="klein", negative=negative)
     # Each branch computes its own first step: shared state would let "uncond" reuse the "cond" residual.
     assert (stats["computed_steps"], stats["skipped_steps"]) == (2, 6)
+    assert stats["timeline"] == {"cond": "CSSS", "uncond": "CSSS"}
     assert counts["last"] == 2
 
 

@@ -177,3 +177,16 @@ def test_symlinked_models_resolve_and_escaping_names_do_not(tiny_models, tmp_pat
     with pytest.raises(ModelFileError, match="not found"):
         comfy_services.resolve_model("vae", "../vae/linked-vae.safetensors")
     STORE.clear()
+
+
+def test_sampler_sends_the_step_cache_timeline_to_the_frontend(models_dir):
+    """With a step cache, the sampler's ui message carries one row per CFG branch, one letter per step (C computed,
+    S skipped), agreeing with the text statistics; without one it carries no timeline, and the text stays short."""
+    (model,) = node("Flux2AccelLoadDiffusionModel").load("dev_comfy.safetensors", "bf16")
+    (cached,) = node("Flux2AccelStepCache").apply(model, "fbcache", 50.0, 0.0, 1.0, 0, 1)
+    _, vae, cond, plain = _generate(steps=8)
+    out = node("Flux2AccelSampler").generate(cached, vae, cond, 64, 48, 8, 4.0, 0, 1)
+    assert out["ui"]["flux2_timeline"] == ["cond:CSSSSSSS"]
+    stats = "\n".join(out["ui"]["flux2_stats"])
+    assert "skipped_steps=7" in stats and "timeline" not in stats
+    assert "flux2_timeline" not in plain["ui"]

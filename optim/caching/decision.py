@@ -45,6 +45,10 @@ class SkipGate:
         return True
 
 
+# The per-branch decisions in `CacheRun.stats()`: structured data for the frontend, left out of the text lines.
+TIMELINE_KEY = "timeline"
+
+
 @dataclass
 class Branch:
     """What one CFG branch remembers from step to step. `state` is the method's own (e.g. TeaCacheState)."""
@@ -54,6 +58,7 @@ class Branch:
     consecutive_cached: int = 0
     skipped: bool = False  # the decision for the call in progress
     state: Any = None
+    timeline: str = ""  # one letter per finished call: C (computed) or S (skipped), for the frontend's strip
 
 
 class CacheRun:
@@ -95,6 +100,7 @@ class CacheRun:
         """After each transformer call."""
         branch.index += 1
         branch.consecutive_cached = branch.consecutive_cached + 1 if skipped else 0
+        branch.timeline += "S" if skipped else "C"
         if skipped:
             self.skipped += 1
             self.time_skipped += seconds
@@ -115,4 +121,5 @@ class CacheRun:
             "skipped_steps": self.skipped,
             "total_steps": self.computed + self.skipped,
             "estimated_time_saved_s": round(saved, 3),
+            TIMELINE_KEY: {name: branch.timeline for name, branch in self.branches.items()},
         }
