@@ -162,7 +162,11 @@ def test_euler_through_comfyuis_call_matches_the_pack_s_sampler(tiny_models):
     params = SamplingParams(width=64, height=48, steps=4, guidance=4.0, seed=11)
     want = sample(comps.transformer, comps.vae, cond, params)
     h, w = 48 // 16, 64 // 16
-    scheduler = tiny.scheduler_for("dev")
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from flux2_accel.optim.sampling import SCHEDULER_CONFIG
+
+    scheduler = FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG)
     steps = params.steps
     scheduler.set_timesteps(sigmas=[1.0 - i / steps for i in range(steps)], mu=compute_empirical_mu(h * w, steps))
     sigmas = scheduler.sigmas
