@@ -150,7 +150,8 @@ def comfyui(tiny_models, tmp_path_factory):
                     models / "text_encoders" / "tiny_mistral_tokenizer")
     # [klein]: its transformer, and its Qwen3 encoder sized for the Qwen tokenizer ComfyUI ships.
     shutil.copy(tiny_models.files["klein_comfy"], models / "diffusion_models" / "tiny_flux2_klein.safetensors")
-    _write_qwen3_for_comfy_tokenizer(tiny_models.files["qwen_comfy"], models / "text_encoders" / "tiny_qwen3.safetensors")
+    _write_qwen3_for_comfy_tokenizer(tiny_models.files["qwen_comfy"],
+                                     models / "text_encoders" / "tiny_qwen3.safetensors")
     _write_reference_images(base / "input")
     (models / "loras").mkdir()
     _write_comfy_lora(tiny_models.files["dev_comfy"], models / "loras" / "tiny_style.safetensors")
