@@ -42,6 +42,9 @@ class Flux2AccelStepCache:
                                                                 "first, comma-separated, as printed by `flux2-accel "
                                                                 "calibrate-teacache`. Empty = built-in values for "
                                                                 "the model family."}),
+                "min_steps": ("INT", {"default": _DEFAULTS.min_steps, "min": 0, "max": 200,
+                                      "tooltip": "Runs with fewer steps than this never skip (4-step distilled "
+                                                 "runs gain little and lose quality); 0 caches any run."}),
             },
         }
 
@@ -53,10 +56,10 @@ class Flux2AccelStepCache:
                    "TaylorSeer). The sampler reports computed and skipped steps and the time saved.")
 
     def apply(self, model, method, threshold, start_percent, end_percent, max_consecutive_cached, warmup_steps,
-              teacache_coefficients=""):
+              teacache_coefficients="", min_steps=_DEFAULTS.min_steps):
         settings = CacheSettings(method, float(threshold), float(start_percent), float(end_percent),
                                  int(max_consecutive_cached), int(warmup_steps),
-                                 parse_coefficients(teacache_coefficients))
+                                 parse_coefficients(teacache_coefficients), int(min_steps))
         settings.validate()
         return (model.replace(cache=settings if settings.enabled else None),)
 

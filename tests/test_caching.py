@@ -75,7 +75,8 @@ def assert_untouched(transformer):
 
 
 P6 = SamplingParams(width=64, height=64, steps=6, guidance=4.0, seed=11)
-HIGH = dict(threshold=50.0, warmup_steps=1, max_consecutive_cached=2)
+# min_steps=0: these tests check the methods themselves, on runs shorter than the few-step rule's 6 steps too.
+HIGH = dict(threshold=50.0, warmup_steps=1, max_consecutive_cached=2, min_steps=0)
 
 
 def test_threshold_zero_leaves_module_alone_and_output_bit_identical(models):
@@ -95,8 +96,8 @@ def test_nothing_skipped_is_bit_identical(models, method, batch, reference):
     extra = {"reference_images": torch.linspace(0, 1, 64 * 64 * 3).reshape(1, 64, 64, 3)} if reference else {}
     base = sample(transformer, vae, cond, params, **extra)
     with block_counter(transformer) as counts:
-        latent, stats = cached_sample(transformer, vae, cond, params, CacheSettings(method, threshold=1e-12),
-                                      **extra)
+        latent, stats = cached_sample(transformer, vae, cond, params,
+                                      CacheSettings(method, threshold=1e-12, min_steps=0), **extra)
     assert torch.equal(latent, base)
     assert stats["computed_steps"] == 4 and stats["skipped_steps"] == 0 and stats["total_steps"] == 4
     assert counts == {"first": 4, "last": 4}
@@ -178,12 +179,14 @@ def test_klein_cfg_branches_keep_separate_state(models, method):
     transformer, vae, cond, negative = models["klein"]
     params = SamplingParams(width=64, height=64, steps=4, guidance=4.0, seed=3)
     base = sample(transformer, vae, cond, params, negative=negative)
-    latent, stats = cached_sample(transformer, vae, cond, params, CacheSettings(method, threshold=1e-12),
-                                  family="klein", negative=negative)
+    latent, stats = cached_sample(transformer, vae, cond, params,
+                                  CacheSettings(method, threshold=1e-12, min_steps=0), family="klein",
+                                  negative=negative)
     assert torch.equal(latent, base) and stats["total_steps"] == 8  # two calls per step
     with block_counter(transformer) as counts:
         _, stats = cached_sample(transformer, vae, cond, params,
-                                 CacheSettings(method, threshold=50.0, warmup_steps=1, max_consecutive_cached=0),
+                                 CacheSettings(method, threshold=50.0, warmup_steps=1, max_consecutive_cached=0,
+                                               min_steps=0),
                                  family="klein", negative=negative)
     # Each branch computes its own first step: shared state would let "uncond" reuse the "cond" residual.
     assert (stats["computed_steps"], stats["skipped_steps"]) == (2, 6)
@@ -367,6 +370,95 @@ def test_calibrate_command_demo(tmp_path):
     assert np.allclose(result["coefficients"], np.polyfit(result["x"], result["y"], 2))
 
 
+# ---------------------------------------------------------------- few-step runs (the shared gate's min_steps rule)
+
+
+def diffusers_cache_run(models, settings, params):
+    """The diffusers-side step cache (FEATURE on Flux2Transformer2DModel): (latent, uncached latent, cache stats)."""
+    transformer, vae, cond, _ = models["dev"]
+    latent, stats = cached_sample(transformer, vae, cond, params, settings)
+    assert_untouched(transformer)
+    return latent, sample(transformer, vae, cond, params), stats
+
+
+# Every step cache the few-step rule must hold for: name -> (methods, run(models, settings, params)). The rule
+# lives in decision.py's SkipGate, so a cache built on it (the native-MODEL cache on ComfyUI's layout) joins here
+# with its own runner returning (latent, uncached latent, stats).
+CACHE_INSTALLERS = {
+    "diffusers": (("fbcache", "teacache", "magcache", "taylorseer"), diffusers_cache_run),
+}
+# A threshold at which each method skips on the tiny random-weight model.
+SKIPPING = {"fbcache": 50.0, "teacache": 50.0, "magcache": 1.0, "taylorseer": 1.0}
+FEW_STEPS_NOTE = "run has 4 steps (< 6): nothing skipped; set min_steps to 0 to cache anyway"
+
+
+def installer_cases():
+    return [pytest.param(name, method, id=f"{name}-{method}")
+            for name, (methods, _) in CACHE_INSTALLERS.items() for method in methods]
+
+
+def skipping_settings(method, **overrides):
+    return CacheSettings(method, threshold=SKIPPING[method], warmup_steps=1, max_consecutive_cached=2, **overrides)
+
+
+@pytest.mark.parametrize("installer,method", installer_cases())
+def test_four_step_run_skips_nothing_by_default_and_says_so_once(models, installer, method):
+    run = CACHE_INSTALLERS[installer][1]
+    params = SamplingParams(width=64, height=64, steps=4, seed=5)
+    latent, uncached, stats = run(models, skipping_settings(method), params)
+    assert (stats["computed_steps"], stats["skipped_steps"], stats["total_steps"]) == (4, 0, 4)
+    assert stats["note"] == FEW_STEPS_NOTE
+    from flux2_accel.optim.engine import format_stats
+
+    assert sum("min_steps" in line for line in format_stats({"cache": stats})) == 1
+    assert torch.equal(latent, uncached)  # no method ran: exactly the uncached run
+
+
+@pytest.mark.parametrize("installer,method", installer_cases())
+def test_four_step_run_skips_with_min_steps_zero(models, installer, method):
+    run = CACHE_INSTALLERS[installer][1]
+    params = SamplingParams(width=64, height=64, steps=4, seed=5)
+    latent, uncached, stats = run(models, skipping_settings(method, min_steps=0), params)
+    assert stats["skipped_steps"] > 0 and stats["total_steps"] == 4 and "note" not in stats
+    assert not torch.equal(latent, uncached)
+
+
+@pytest.mark.parametrize("installer,method", installer_cases())
+def test_six_step_run_is_not_affected_by_the_rule(models, installer, method):
+    run = CACHE_INSTALLERS[installer][1]
+    params = SamplingParams(width=64, height=64, steps=6, seed=5)
+    by_default, _, default_stats = run(models, skipping_settings(method), params)
+    any_length, _, any_stats = run(models, skipping_settings(method, min_steps=0), params)
+    assert default_stats["skipped_steps"] > 0 and "note" not in default_stats
+    assert torch.equal(by_default, any_length)
+    counts = ("computed_steps", "skipped_steps", "total_steps")
+    assert [default_stats[k] for k in counts] == [any_stats[k] for k in counts]
+
+
+def test_klein_four_step_cfg_run_skips_nothing_in_either_branch(models):
+    transformer, vae, cond, negative = models["klein"]
+    params = SamplingParams(width=64, height=64, steps=4, guidance=4.0, seed=3)
+    latent, stats = cached_sample(transformer, vae, cond, params, skipping_settings("fbcache"), family="klein",
+                                  negative=negative)
+    assert (stats["computed_steps"], stats["skipped_steps"], stats["total_steps"]) == (8, 0, 8)
+    assert stats["note"] == FEW_STEPS_NOTE  # the note counts sampling steps, not transformer calls
+    assert torch.equal(latent, sample(transformer, vae, cond, params, negative=negative))
+
+
+def test_gate_applies_min_steps_only_when_the_step_count_is_known():
+    from flux2_accel.optim.caching.decision import CacheRun, SkipGate
+
+    gate = SkipGate(warmup_steps=0, max_consecutive_cached=0, min_steps=6)
+    assert not gate.allows(2, 0, total_steps=5) and gate.allows(2, 0, total_steps=6)
+    assert gate.allows(2, 0, total_steps=None)  # unknown length: the rule does not apply
+    assert SkipGate(min_steps=0).allows(1, 0, total_steps=2)
+    assert "note" not in CacheRun(CacheSettings(), gate, total_steps=None).stats()
+    assert CacheRun(CacheSettings(), gate, total_steps=3).stats()["note"].startswith("run has 3 steps (< 6)")
+    assert CacheSettings().min_steps == 6 and CacheSettings().gate.min_steps == 6
+    with pytest.raises(InputError, match="min_steps is -1"):
+        CacheSettings(min_steps=-1).validate()
+
+
 # ---------------------------------------------------------------- node
 
 def test_node_returns_new_handle_and_leaves_input_unchanged():
@@ -387,6 +479,11 @@ def test_node_returns_new_handle_and_leaves_input_unchanged():
     assert off.cache is None and out.cache is not None
     with pytest.raises(InputError, match="start_percent"):
         Flux2AccelStepCache().apply(handle, "fbcache", 0.1, 0.9, 0.2, 3, 1)
+    # min_steps: optional, last, default 6; workflows saved before it existed get the default.
+    assert list(inputs["optional"])[-1] == "min_steps" and inputs["optional"]["min_steps"][1]["default"] == 6
+    assert out.cache.min_steps == 6
+    (any_run,) = Flux2AccelStepCache().apply(handle, "fbcache", 0.1, 0.0, 1.0, 3, 1, "", 0)
+    assert any_run.cache.min_steps == 0
 
 
 # ---------------------------------------------------------------- torch.compile
@@ -408,7 +505,8 @@ def test_regional_compile_keeps_its_graphs_with_the_cache(models):
     graphs = counters["stats"]["unique_graphs"]
     assert graphs >= 2
     for method in ("fbcache", "teacache"):
-        exact, _ = cached_sample(transformer, vae, cond, params, CacheSettings(method, threshold=1e-12))
+        exact, _ = cached_sample(transformer, vae, cond, params,
+                                 CacheSettings(method, threshold=1e-12, min_steps=0))
         skipping, stats = cached_sample(transformer, vae, cond, params, CacheSettings(method, **HIGH))
         assert torch.equal(exact, plain) and stats["skipped_steps"] == 2
         assert torch.allclose(skipping, eager[method], atol=1e-5)

@@ -42,13 +42,13 @@ def _post(url, payload):
         return json.loads(r.read())
 
 
-def _write_comfy_lora(transformer_file: Path, path: Path, rank: int = 2) -> None:
+def _write_comfy_lora(transformer_file: Path, path: Path, rank: int = 2, seed: int = 5) -> None:
     """A ComfyUI-format LoRA (diffusion_model.* lora_down / lora_up + alpha) over the tiny model's block layers."""
     import torch
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    g = torch.Generator().manual_seed(5)
+    g = torch.Generator().manual_seed(seed)
     tensors = {}
     with safe_open(str(transformer_file), "pt") as f:
         for key in f.keys():
@@ -59,6 +59,56 @@ def _write_comfy_lora(transformer_file: Path, path: Path, rank: int = 2) -> None
                 tensors[f"{name}.lora_up.weight"] = torch.randn(out_features, rank, generator=g) * 0.5
                 tensors[f"{name}.alpha"] = torch.tensor(float(rank))
     save_file(tensors, str(path))
+
+
+def _write_qwen3_for_comfy_tokenizer(qwen_file: Path, path: Path) -> None:
+    """The tiny Qwen3 text encoder with its embedding grown to the vocabulary of the Qwen tokenizer ComfyUI ships
+    (which the text-encoder loader uses for Qwen3 files inside ComfyUI): the first rows are the tiny model's own."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer
+
+    vocab = len(AutoTokenizer.from_pretrained(Path(COMFYUI_DIR) / "comfy" / "text_encoders" / "qwen25_tokenizer"))
+    sd = load_file(str(qwen_file))
+    key = next(k for k in sd if k.endswith("embed_tokens.weight"))
+    rows, width = sd[key].shape
+    grown = torch.randn(max(vocab, rows), width, generator=torch.Generator().manual_seed(8)) * 0.02
+    grown[:rows] = sd[key]
+    sd[key] = grown
+    save_file(sd, str(path))
+
+
+def _write_reference_images(folder: Path) -> None:
+    """Two different reference images for LoadImage, of different sizes (ImageBatch scales the second)."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, (w, h), seed in (("reference_1.png", (64, 64), 1), ("reference_2.png", (96, 80), 2)):
+        pixels = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / name)
+
+
+# What the tiny models stand in for: the file names of the shipped workflows -> the fixture's files.
+TINY_FILES = {
+    "flux2_dev_fp8mixed.safetensors": "tiny_flux2_dev.safetensors",
+    "flux2-dev.safetensors": "tiny_flux2_dev.safetensors",
+    "flux-2-klein-4b.safetensors": "tiny_flux2_klein.safetensors",
+    "flux-2-klein-base-4b.safetensors": "tiny_flux2_klein.safetensors",
+    "mistral_3_small_flux2_fp8.safetensors": "tiny_mistral.safetensors",
+    "mistral_3_small_flux2_bf16.safetensors": "tiny_mistral.safetensors",
+    "qwen_3_4b.safetensors": "tiny_qwen3.safetensors",
+    "flux2-vae.safetensors": "tiny_flux2_vae.safetensors",
+    "my_style_lora.safetensors": "tiny_style.safetensors",
+    "my_subject_lora.safetensors": "tiny_detail.safetensors",
+}
+# The remote text encoder ComfyUI is started for: the token and the loopback host it may go to (unless the
+# environment names its own, as tests/test_remote.py does).
+REMOTE_ENV = {"FLUX2_ACCEL_REMOTE_TOKEN": "tok-workflow-test-41c7", "FLUX2_ACCEL_REMOTE_HOSTS": "127.0.0.1"}
+
+
+def _remote_env() -> dict:
+    return {name: os.environ.get(name, default) for name, default in REMOTE_ENV.items()}
 
 
 BAD_MODEL_FILES = {  # loader input -> (class, file name): each file is broken in its own way
@@ -98,8 +148,14 @@ def comfyui(tiny_models, tmp_path_factory):
         shutil.copy(tiny_models.files[label], models / folder / name)
     shutil.copytree(tiny_models.root / "text_encoders" / "mistral_comfy_tokenizer",
                     models / "text_encoders" / "tiny_mistral_tokenizer")
+    # [klein]: its transformer, and its Qwen3 encoder sized for the Qwen tokenizer ComfyUI ships.
+    shutil.copy(tiny_models.files["klein_comfy"], models / "diffusion_models" / "tiny_flux2_klein.safetensors")
+    _write_qwen3_for_comfy_tokenizer(tiny_models.files["qwen_comfy"],
+                                     models / "text_encoders" / "tiny_qwen3.safetensors")
+    _write_reference_images(base / "input")
     (models / "loras").mkdir()
     _write_comfy_lora(tiny_models.files["dev_comfy"], models / "loras" / "tiny_style.safetensors")
+    _write_comfy_lora(tiny_models.files["dev_comfy"], models / "loras" / "tiny_detail.safetensors", seed=6)
     # A shared model store outside ComfyUI's folders, linked in the way users do: a folder and a file.
     (models / "diffusers").mkdir()
     os.symlink(tiny_models.files["dev_folder"], models / "diffusers" / "tiny_dev_linked", target_is_directory=True)
@@ -112,7 +168,8 @@ def comfyui(tiny_models, tmp_path_factory):
     proc = subprocess.Popen(
         [python, "-u", str(ROOT / "tests" / "comfyui_launcher.py"), COMFYUI_DIR, "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory",
          str(base), "--database-url", "sqlite:///:memory:", "--disable-api-nodes"],
-        cwd=COMFYUI_DIR, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+        cwd=COMFYUI_DIR, stdout=log, stderr=subprocess.STDOUT,
+        env={**os.environ, **_remote_env(), "PYTHONDONTWRITEBYTECODE": "1"})
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 180
@@ -149,15 +206,21 @@ def test_object_info_lists_our_nodes(comfyui):
 def test_example_workflows_are_served(comfyui):
     url, _, _ = comfyui
     templates = _get(url + "/workflow_templates").get("flux2-accel", [])
-    assert "flux2_t2i" in templates and "flux2_t2i_fast" in templates
+    shipped = {p.stem for p in (ROOT / "example_workflows").glob("*.json")}
+    assert {"flux2_t2i", "flux2_t2i_fast"} | FEATURE_WORKFLOWS <= shipped
+    assert shipped <= set(templates)
 
 
 def _tiny_graph(name: str = "flux2_t2i") -> dict:
+    """A shipped API workflow on the tiny models (TINY_FILES), at 64x48 and 2 steps."""
     graph = json.loads((ROOT / "workflows" / f"{name}_api.json").read_text())
-    graph["1"]["inputs"]["model_name"] = "tiny_flux2_dev.safetensors"
-    graph["2"]["inputs"]["text_encoder_name"] = "tiny_mistral.safetensors"
-    graph["3"]["inputs"]["vae_name"] = "tiny_flux2_vae.safetensors"
-    graph["5"]["inputs"].update(width=64, height=48, steps=2)
+    for node in graph.values():
+        inputs = node["inputs"]
+        for field, value in inputs.items():
+            if isinstance(value, str) and value in TINY_FILES:
+                inputs[field] = TINY_FILES[value]
+        if node["class_type"] == "Flux2AccelSampler":
+            inputs.update(width=64, height=48, steps=2)
     return graph
 
 
@@ -309,3 +372,74 @@ def test_thirty_prompts_do_not_grow_the_server(comfyui):
         _run(url, log_path, graph)
     after = _rss_bytes(pid)
     assert after < before * 1.05, f"RSS grew from {before / 2**20:.1f} MiB to {after / 2**20:.1f} MiB"
+
+
+# ---------------------------------------------------------------- every feature workflow, queued as shipped
+
+FEATURE_WORKFLOWS = {"flux2_edit_two_references", "flux2_klein_4b_distilled", "flux2_klein_base_negative",
+                     "flux2_lora_stack", "flux2_low_vram_nf4", "flux2_remote_text_encode"}
+
+
+def _queue_feature_workflow(url, log_path, name, graph, tiny_models):
+    """Queue `graph` (the tiny form of workflow `name`); the remote workflow gets the pack's own server on loopback,
+    holding the token ComfyUI was started with, serving the tiny Mistral encoder."""
+    if name != "flux2_remote_text_encode":
+        return _run(url, log_path, graph), None
+    from aiohttp import web  # noqa: F401  (the server's dependency: a clear skip reason if missing)
+    from test_remote import LoopbackServer
+
+    from flux2_accel.optim import tiny
+    from flux2_accel.optim.remote.server import STATS_KEY, create_app
+    from flux2_accel.optim.text_encoding import TextEncoder
+
+    encoder = TextEncoder(tiny_models.dev.text_encoder, tiny_models.dev.tokenizer, "mistral",
+                          tiny.TINY.text_out_layers, identity="tiny-mistral")
+    app = create_app(encoder, token=_remote_env()["FLUX2_ACCEL_REMOTE_TOKEN"])
+    with LoopbackServer(app) as server:
+        remote = next(n for n in graph.values() if n["class_type"] == "Flux2AccelRemoteTextEncode")["inputs"]
+        remote.update(endpoint_url=server.url, expects="any (the sampler checks)", use_cache=False)
+        entry = _run(url, log_path, graph)
+    return entry, app[STATS_KEY]
+
+
+def _without(graph: dict, class_type: str, link: str) -> dict:
+    """`graph` with the sampler's optional input `link` unplugged (and the node it came from left unused)."""
+    graph = json.loads(json.dumps(graph))
+    sampler = next(n for n in graph.values() if n["class_type"] == "Flux2AccelSampler")
+    assert graph[sampler["inputs"].pop(link)[0]]["class_type"] == class_type
+    return graph
+
+
+@pytest.mark.parametrize("name", sorted(FEATURE_WORKFLOWS))
+def test_feature_workflow_queued_over_http_yields_an_image(comfyui, tiny_models, name):
+    """Each shipped feature workflow, as its API file says but on the tiny models: it runs in ComfyUI and saves an
+    image of the asked size, and the feature it shows takes effect."""
+    url, base, log_path = comfyui
+    graph = _tiny_graph(name)
+    entry, remote_stats = _queue_feature_workflow(url, log_path, name, graph, tiny_models)
+    save = next(nid for nid, n in graph.items() if n["class_type"] == "SaveImage")
+    sampler = next(nid for nid, n in graph.items() if n["class_type"] == "Flux2AccelSampler")
+    from PIL import Image
+
+    saved = entry["outputs"][save]["images"][0]
+    image = Image.open(base / "output" / saved.get("subfolder", "") / saved["filename"])
+    assert image.size == (64, 48)
+    pixels = image.tobytes()
+    stats = "\n".join(entry["outputs"][sampler]["flux2_stats"])
+    if name == "flux2_edit_two_references":  # the references steer the image
+        assert _saved_pixels(base, _run(url, log_path, _without(graph, "ImageBatch", "reference_images")),
+                             save) != pixels
+    elif name == "flux2_klein_base_negative":  # CFG with the negative prompt
+        assert _saved_pixels(base, _run(url, log_path, _without(graph, "Flux2AccelTextEncode", "negative")),
+                             save) != pixels
+    elif name == "flux2_lora_stack":
+        assert "tiny_style.safetensors x1" in stats and "tiny_detail.safetensors x0.8" in stats, stats
+    elif name == "flux2_low_vram_nf4":  # 4-bit weights move the image off the bf16 one; model_cpu was asked for
+        bf16 = json.loads(json.dumps(graph))
+        for node in bf16.values():
+            if node["class_type"] in ("Flux2AccelLoadDiffusionModel", "Flux2AccelLoadTextEncoder"):
+                node["inputs"]["precision"] = "bf16"
+        assert _saved_pixels(base, _run(url, log_path, bf16), save) != pixels
+        assert "offload 'model_cpu' has no effect without a GPU" in log_path.read_text()
+    elif name == "flux2_remote_text_encode":
+        assert remote_stats["requests"] == 1 and remote_stats["refused"] == 0

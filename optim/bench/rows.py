@@ -284,8 +284,9 @@ def cache_row(method: str, threshold: float | None) -> Callable[[BenchContext], 
     def start(ctx: BenchContext) -> RowRun:
         from ..caching import DEFAULT_THRESHOLDS, CacheSettings
 
+        # min_steps=0: a row measures the method at the bench's step count, short runs included.
         settings = CacheSettings(method=method, threshold=DEFAULT_THRESHOLDS[method] if threshold is None
-                                 else threshold)
+                                 else threshold, min_steps=0)
         run = CacheRun(ctx, cache=settings)
         if threshold == 0:
             run.note = "threshold 0 switches the cache off: the pack runs every step uncached"

@@ -45,6 +45,8 @@ class CacheSettings:
     max_consecutive_cached: at most this many skipped steps in a row (0 = no limit).
     warmup_steps: the first steps are always computed.
     coefficients: TeaCache rescaling polynomial (highest power first); empty = the model family's default.
+    min_steps: runs with fewer steps than this never skip (distilled 4-step runs gain little and lose quality);
+    0 caches any run. See decision.py.
     """
 
     method: str = "fbcache"
@@ -54,6 +56,7 @@ class CacheSettings:
     max_consecutive_cached: int = 3
     warmup_steps: int = 1
     coefficients: tuple[float, ...] = ()
+    min_steps: int = 6
 
     @property
     def enabled(self) -> bool:
@@ -63,7 +66,8 @@ class CacheSettings:
     def gate(self) -> SkipGate:
         """The skip gate every method shares (decision.py)."""
         return SkipGate(warmup_steps=self.warmup_steps, start_percent=self.start_percent,
-                        end_percent=self.end_percent, max_consecutive_cached=self.max_consecutive_cached)
+                        end_percent=self.end_percent, max_consecutive_cached=self.max_consecutive_cached,
+                        min_steps=self.min_steps)
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -81,6 +85,8 @@ class CacheSettings:
             raise InputError(f"max_consecutive_cached is {self.max_consecutive_cached}: use 0 (no limit) or more.")
         if self.warmup_steps < 0:
             raise InputError(f"warmup_steps is {self.warmup_steps}: it cannot be negative.")
+        if self.min_steps < 0:
+            raise InputError(f"min_steps is {self.min_steps}: use 0 (cache runs of any length) or more.")
         if self.coefficients and not all(math.isfinite(c) for c in self.coefficients):
             raise InputError("TeaCache coefficients must be finite numbers (highest power first).")
 
@@ -117,8 +123,11 @@ def activate(store, transformer, handle, report):
     method = importlib.import_module(f".{settings.method}", __package__)  # one module per method, named after it
     params = getattr(report, "params", None)
     run = method.new_run(settings, getattr(params, "steps", None), handle.family or family_of(transformer))
+    # Too few steps: the gate refuses every skip, so no method (diffusers' own hooks included) is installed; the
+    # calls are only counted.
+    installed = counted_only if run.skips_nothing else method.installed
     try:
-        with method.installed(transformer, run):
+        with installed(transformer, run):
             yield
     finally:
         stats = run.stats()
@@ -126,6 +135,16 @@ def activate(store, transformer, handle, report):
         log.info("flux2-accel step cache: %s computed %d, skipped %d of %d transformer calls, about %.2f s saved",
                  stats["method"], stats["computed_steps"], stats["skipped_steps"], stats["total_steps"],
                  stats["estimated_time_saved_s"])
+        if "note" in stats:
+            log.info("flux2-accel step cache: %s", stats["note"])
+
+
+def counted_only(transformer, run):
+    """The run's calls counted as computed, with no method deciding anything."""
+    from .transformer_hook import step_cache_installed
+
+    return step_cache_installed(transformer, run, lambda forward, branch, args, kwargs: (forward(*args, **kwargs),
+                                                                                         False))
 
 
 def _decides_in_forward(handle) -> bool:

@@ -9,6 +9,11 @@ State lives only here and only for one run: a new run (other size, batch size, h
 starts from nothing. CFG branches: diffusers' [klein] pipeline names its transformer calls "cond" / "uncond"; the
 adapter sets `CacheRun.branch_name` while such a call runs, and every branch keeps its own state. Calls outside any
 named context (the [dev] pipeline) form the branch "cond".
+
+Few-step runs: a run of fewer than `SkipGate.min_steps` steps (default 6) never skips, whatever the method's signal:
+on 4-step distilled models a skipped step is a quarter of the run, so caching barely saves time and visibly costs
+quality. `CacheRun.stats()` then carries one `note` saying so. The rule needs the run's step count: a run made with
+`total_steps=None` (unknown) is not subject to it.
 """
 
 from __future__ import annotations
@@ -26,14 +31,23 @@ class SkipGate:
     warmup_steps: the first steps of a branch are always computed.
     start_percent / end_percent: fractions (0..1) of the run's steps between which steps may be skipped.
     max_consecutive_cached: at most this many skipped calls in a row (0 = no limit).
+    min_steps: runs with fewer steps than this never skip (0 = any run may); not applied when the step count is
+    unknown.
     """
 
     warmup_steps: int = 1
     start_percent: float = 0.0
     end_percent: float = 1.0
     max_consecutive_cached: int = 3
+    min_steps: int = 6
+
+    def too_few_steps(self, total_steps: int | None) -> bool:
+        """True when a run of `total_steps` steps is too short to skip any (False when the count is unknown)."""
+        return bool(total_steps) and total_steps < self.min_steps
 
     def allows(self, index: int, consecutive_cached: int, total_steps: int | None) -> bool:
+        if self.too_few_steps(total_steps):
+            return False
         if index < self.warmup_steps:
             return False
         if self.max_consecutive_cached and consecutive_cached >= self.max_consecutive_cached:
@@ -84,6 +98,11 @@ class CacheRun:
     def method(self) -> str:
         return self.settings.method
 
+    @property
+    def skips_nothing(self) -> bool:
+        """The gate refuses every skip of this run (too few steps): a method need not even decide."""
+        return self.gate.too_few_steps(self.total_steps)
+
     def branch(self) -> Branch:
         """The branch of the call in progress (made on first use, with fresh method state)."""
         name = self.branch_name or DEFAULT_BRANCH
@@ -115,7 +134,7 @@ class CacheRun:
             per_computed = self.time_computed / self.computed
             per_skipped = self.time_skipped / self.skipped
             saved = max(0.0, per_computed - per_skipped) * self.skipped
-        return {
+        stats = {
             "method": self.method,
             "computed_steps": self.computed,
             "skipped_steps": self.skipped,
@@ -123,3 +142,7 @@ class CacheRun:
             "estimated_time_saved_s": round(saved, 3),
             TIMELINE_KEY: {name: branch.timeline for name, branch in self.branches.items()},
         }
+        if self.skips_nothing:
+            stats["note"] = (f"run has {self.total_steps} steps (< {self.gate.min_steps}): nothing skipped; "
+                             "set min_steps to 0 to cache anyway")
+        return stats
