@@ -4,7 +4,7 @@ Same structure and call conventions as the models the BFL-layout step cache targ
 block(img=, txt=, vec=, pe=, attn_mask=, transformer_options=) -> (img, txt); `single_blocks` called as
 block(x, vec=, pe=, attn_mask=, transformer_options=) -> x on cat(txt, img); global modulation handed to every
 block ((img_mod1, img_mod2), (txt_mod1, txt_mod2)) for double blocks, one ModulationOut for single blocks; block
-replacement through transformer_options["patches_replace"]["dit"][("double_block"|"single_block", i)]; reference
+blocks that add to their inputs in place; replacement through transformer_options["patches_replace"]["dit"][("double_block"|"single_block", i)]; reference
 tokens appended to the image stream and dropped at the end.
 """
 
@@ -64,10 +64,11 @@ class DoubleStreamBlock(nn.Module):
         attn = _attention(torch.cat((txt_q, img_q), 1), torch.cat((txt_k, img_k), 1), torch.cat((txt_v, img_v), 1),
                           self.heads, pe)
         txt_attn, img_attn = attn[:, :txt.shape[1]], attn[:, txt.shape[1]:]
-        img = img + img_mod1.gate * self.img_proj(img_attn)
-        img = img + img_mod2.gate * self.img_mlp(_modulate(self.img_norm2(img), img_mod2))
-        txt = txt + txt_mod1.gate * self.txt_proj(txt_attn)
-        txt = txt + txt_mod2.gate * self.txt_mlp(_modulate(self.txt_norm2(txt), txt_mod2))
+        # in place, as BFL's and ComfyUI's blocks do: callers must not expect their input tensors unchanged
+        img += img_mod1.gate * self.img_proj(img_attn)
+        img += img_mod2.gate * self.img_mlp(_modulate(self.img_norm2(img), img_mod2))
+        txt += txt_mod1.gate * self.txt_proj(txt_attn)
+        txt += txt_mod2.gate * self.txt_mlp(_modulate(self.txt_norm2(txt), txt_mod2))
         return img, txt
 
 
@@ -84,7 +85,8 @@ class SingleStreamBlock(nn.Module):
         q, k, v, mlp = self.linear1(_modulate(self.pre_norm(x), mod)).split([x.shape[-1]] * 3 + [2 * x.shape[-1]],
                                                                               dim=-1)
         out = self.linear2(torch.cat((_attention(q, k, v, self.heads, pe), nn.functional.silu(mlp)), -1))
-        return x + mod.gate * out
+        x += mod.gate * out
+        return x
 
 
 class TinyBflFlux2(nn.Module):

@@ -7,7 +7,8 @@ the adapter to the block layout lives here. It plugs into the layout's block-rep
 calls `replace(args, {"original_block": run_block})` for a key ("double_block", i) / ("single_block", i) where
 `args` holds img, txt (double blocks), vec, pe, attn_mask, transformer_options, and the replacement returns
 {"img", "txt"} (double) or {"img"} (single). The single-stream blocks see cat(txt, img); after the last one the
-forward keeps the image part.
+forward keeps the image part. Blocks may add to their input tensors in place (ComfyUI's do), so every tensor kept
+across blocks is a copy.
 
 Per model call (`BflStepCache.model_call`): the batch is split into CFG branches ("cond", "uncond", as the caller
 names its chunks), each with its own state. The first double block decides per branch; the call skips only when
@@ -173,7 +174,7 @@ class BflStepCache:
         return out
 
     def _fbcache_first(self, call: _Call, args: dict, extra: dict) -> dict:
-        before = args["img"]
+        before = args["img"].clone()  # BFL-layout blocks add to their input in place
         out = extra["original_block"](args)
         first_residual = out["img"] - before
         decisions = []
@@ -191,7 +192,7 @@ class BflStepCache:
         for branch, part in call.chunks(first_residual):
             with fbc.cache_context(branch.fbc):
                 fbc.set_first_hidden_states_residual(part)
-        call.reference = out["img"]
+        call.reference = out["img"].clone()  # the next block adds to it in place
         return out
 
     def _teacache_first(self, call: _Call, args: dict, extra: dict) -> dict:
@@ -205,7 +206,7 @@ class BflStepCache:
         for branch, could_skip in zip(call.branches, decisions):
             if could_skip:  # computed after all, with the other branches: start accumulating afresh
                 branch.accumulated = 0.0
-        call.reference = img
+        call.reference = img.clone()  # the block adds to it in place
         return extra["original_block"](args)
 
     def _keep_residual(self, call: _Call, residual: torch.Tensor) -> None:
