@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 
 # Explicit registry: add a module here when it defines nodes.
-NODE_MODULES = ("loaders", "text", "sampler", "vae", "remote", "cache", "lora", "compile")
+NODE_MODULES = ("loaders", "text", "sampler", "vae", "remote", "cache", "lora", "compile", "native_cache", "native_compile")
 
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}
