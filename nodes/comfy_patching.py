@@ -63,10 +63,11 @@ def replace_blocks(model, table: dict) -> None:
     existing = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
     for (block_name, index), patch in table.items():
         inner = existing.get((block_name, index))
-        model.set_model_patch_replace(patch if inner is None else _chained(patch, inner), "dit", block_name, index)
+        patch = patch if inner is None else chained_replacement(patch, inner)
+        model.set_model_patch_replace(patch, "dit", block_name, index)
 
 
-def _chained(outer, inner):
+def chained_replacement(outer, inner):
     def replace(args, extra):
         return outer(args, {**extra, "original_block": lambda a: inner(a, extra)})
     return replace

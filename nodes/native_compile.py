@@ -17,11 +17,14 @@ then never changes.
 
 from __future__ import annotations
 
+import logging
 import weakref
 
 from ..optim.compile import DYNAMIC, MODES, CompileSettings, compiled_run, compiled_set_for, configure_caches_safely
 from . import comfy_patching, node_messages
 from .compile import Flux2AccelCompile, default_cache_dir
+
+log = logging.getLogger("flux2_accel")
 
 NODE_NAME = "Torch Compile (FLUX.2, native MODEL)"
 CONFIG_KEY = "flux2_accel_compile_config"
@@ -67,7 +70,9 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     finally:
         stats = report.stats.get("compile")
         if stats is not None:
-            node_messages.show_on_node(node_id, ["compile: " + " ".join(f"{k}={v}" for k, v in stats.items())])
+            line = "compile: " + " ".join(f"{k}={v}" for k, v in stats.items())
+            log.info("flux2-accel (native MODEL) %s", line)
+            node_messages.show_on_node(node_id, [line])
 
 
 def patched(model, settings: CompileSettings, node_id=None):
