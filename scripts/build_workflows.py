@@ -41,16 +41,48 @@ FLUX2_T2I_FAST = {
            "compile_vae_decoder": False}, {"model": ("7", 0)}),
 }
 FLUX2_T2I_FAST["5"] = (*FLUX2_T2I["5"][:3], {**FLUX2_T2I["5"][3], "model": ("8", 0)})
-WORKFLOWS = {"flux2_t2i": FLUX2_T2I, "flux2_t2i_fast": FLUX2_T2I_FAST}
+# ComfyUI's own FLUX.2 text-to-image graph (native nodes only), with the pack's native-MODEL speed nodes between the
+# diffusion-model loader and the guider: step cache, then regional compile.
+FLUX2_NATIVE_T2I_FAST = {
+    "101": ("UNETLoader", "Load Diffusion Model",
+            {"unet_name": "flux2_dev_fp8mixed.safetensors", "weight_dtype": "default"}, {}),
+    "102": ("CLIPLoader", "Load CLIP",
+            {"clip_name": "mistral_3_small_flux2_fp8.safetensors", "type": "flux2", "device": "default"}, {}),
+    "103": ("VAELoader", "Load VAE", {"vae_name": "flux2-vae.safetensors"}, {}),
+    "104": ("CLIPTextEncode", "CLIP Text Encode (Prompt)",
+            {"text": "A red fox sitting in fresh snow at golden hour, photo"}, {"clip": ("102", 0)}),
+    "105": ("FluxGuidance", "FluxGuidance", {"guidance": 4.0}, {"conditioning": ("104", 0)}),
+    "106": ("Flux2AccelNativeStepCache", "Step Cache (FLUX.2, native MODEL)",
+            {"method": "fbcache", "threshold": 0.12, "start_percent": 0.0, "end_percent": 1.0,
+             "max_consecutive_cached": 3, "warmup_steps": 1, "teacache_coefficients": ""}, {"model": ("101", 0)}),
+    "107": ("Flux2AccelNativeCompile", "Torch Compile (FLUX.2, native MODEL)",
+            {"mode": "default", "dynamic": "auto", "fullgraph": False, "backend": "inductor"}, {"model": ("106", 0)}),
+    "108": ("EmptyFlux2LatentImage", "Empty Flux 2 Latent", {"width": 1024, "height": 1024, "batch_size": 1}, {}),
+    "109": ("RandomNoise", "RandomNoise", {"noise_seed": 42}, {}),
+    "110": ("BasicGuider", "BasicGuider", {}, {"model": ("107", 0), "conditioning": ("105", 0)}),
+    "111": ("KSamplerSelect", "KSamplerSelect", {"sampler_name": "euler"}, {}),
+    "112": ("Flux2Scheduler", "Flux2Scheduler", {"steps": 28, "width": 1024, "height": 1024}, {}),
+    "113": ("SamplerCustomAdvanced", "SamplerCustomAdvanced", {},
+            {"noise": ("109", 0), "guider": ("110", 0), "sampler": ("111", 0), "sigmas": ("112", 0),
+             "latent_image": ("108", 0)}),
+    "114": ("VAEDecode", "VAE Decode", {}, {"samples": ("113", 0), "vae": ("103", 0)}),
+    "115": ("SaveImage", "Save Image", {"filename_prefix": "flux2-native"}, {"images": ("114", 0)}),
+}
+WORKFLOWS = {"flux2_t2i": FLUX2_T2I, "flux2_t2i_fast": FLUX2_T2I_FAST, "flux2_native_t2i_fast": FLUX2_NATIVE_T2I_FAST}
 # Canvas positions [x, y]: loaders in a column, then encode, sampler (tall: its statistics box grows), save; the
 # speed nodes below the loaders.
 LAYOUT = {"1": [40, 60], "2": [40, 220], "3": [40, 380], "4": [420, 60], "5": [420, 330], "6": [800, 60],
-          "7": [40, 540], "8": [40, 820]}
+          "7": [40, 540], "8": [40, 820],
+          # the native graph: loaders, prompt, speed nodes, sampling parts, decode and save
+          "101": [40, 60], "102": [40, 200], "103": [40, 360], "104": [420, 200], "105": [420, 420],
+          "106": [40, 500], "107": [40, 780], "108": [800, 60], "109": [800, 220], "110": [800, 340],
+          "111": [800, 460], "112": [800, 560], "113": [1180, 60], "114": [1180, 320], "115": [1540, 60]}
 # Node heights on the canvas (the frontend grows a node to fit its widgets).
-HEIGHTS = {"Flux2AccelSampler": 330, "Flux2AccelStepCache": 250, "Flux2AccelCompile": 230}
+HEIGHTS = {"Flux2AccelSampler": 330, "Flux2AccelStepCache": 250, "Flux2AccelCompile": 230,
+           "Flux2AccelNativeStepCache": 250, "Flux2AccelNativeCompile": 180, "CLIPTextEncode": 180}
 
 # Widgets the frontend adds after a value: seeds get a "control after generate" entry.
-CONTROL_AFTER = {"seed": "fixed"}
+CONTROL_AFTER = {"seed": "fixed", "noise_seed": "fixed"}
 # Socket types of each node's outputs and linked inputs, for the UI format.
 OUTPUT_TYPES = {
     "Flux2AccelLoadDiffusionModel": [("model", "FLUX2_MODEL")],
@@ -61,6 +93,21 @@ OUTPUT_TYPES = {
     "Flux2AccelStepCache": [("model", "FLUX2_MODEL")],
     "Flux2AccelCompile": [("model", "FLUX2_MODEL")],
     "SaveImage": [],
+    "Flux2AccelNativeStepCache": [("MODEL", "MODEL")],
+    "Flux2AccelNativeCompile": [("MODEL", "MODEL")],
+    # ComfyUI's own nodes (0.8)
+    "UNETLoader": [("MODEL", "MODEL")],
+    "CLIPLoader": [("CLIP", "CLIP")],
+    "VAELoader": [("VAE", "VAE")],
+    "CLIPTextEncode": [("CONDITIONING", "CONDITIONING")],
+    "FluxGuidance": [("CONDITIONING", "CONDITIONING")],
+    "EmptyFlux2LatentImage": [("LATENT", "LATENT")],
+    "RandomNoise": [("NOISE", "NOISE")],
+    "BasicGuider": [("GUIDER", "GUIDER")],
+    "KSamplerSelect": [("SAMPLER", "SAMPLER")],
+    "Flux2Scheduler": [("SIGMAS", "SIGMAS")],
+    "SamplerCustomAdvanced": [("output", "LATENT"), ("denoised_output", "LATENT")],
+    "VAEDecode": [("IMAGE", "IMAGE")],
 }
 
 

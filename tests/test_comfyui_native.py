@@ -292,3 +292,21 @@ def test_a_model_that_is_not_flux2_is_refused_and_the_next_prompt_works(comfyui)
     message = errors[0]["exception_message"]
     assert "FLUX.2" in message and "holding Flux " in message, message
     run_prompt(url, log_path, graph_for(("fbcache", 0.1)))
+
+
+def test_native_workflow_matches_this_comfyuis_node_definitions(comfyui):
+    """The generated native FLUX.2 workflow uses only node classes, inputs and output types this ComfyUI defines."""
+    url, _, log_path = comfyui
+    info = get_json(url + "/object_info", timeout=60)
+    graph = json.loads((ROOT / "workflows" / "flux2_native_t2i_fast_api.json").read_text())
+    for node in graph.values():
+        spec = info.get(node["class_type"])
+        assert spec is not None, f"{node['class_type']} missing; log:\n{log_path.read_text()[-2000:]}"
+        known = {**spec["input"].get("required", {}), **spec["input"].get("optional", {})}
+        for name, value in node["inputs"].items():
+            assert name in known, f"{node['class_type']} has no input {name}"
+            if isinstance(value, list):
+                source = info[graph[value[0]]["class_type"]]
+                assert source["output"][value[1]] == known[name][0], (node["class_type"], name)
+            elif isinstance(known[name][0], list) and name not in ("unet_name", "clip_name", "vae_name"):
+                assert value in known[name][0], (node["class_type"], name, value)

@@ -13,8 +13,24 @@ from flux2_accel import NODE_CLASS_MAPPINGS
 ROOT = Path(__file__).resolve().parents[1]
 # Native ComfyUI nodes the workflows use, with the inputs and outputs they have in ComfyUI 0.8.
 NATIVE = {"SaveImage": ({"images": "IMAGE", "filename_prefix": "STRING"}, []),
-          "PreviewImage": ({"images": "IMAGE"}, [])}
-DYNAMIC_COMBOS = {"model_name", "text_encoder_name", "vae_name", "lora_name"}  # filled from model folders
+          "PreviewImage": ({"images": "IMAGE"}, []),
+          # ComfyUI's own FLUX.2 text-to-image nodes (inputs in ComfyUI's order; combos list the values we use)
+          "UNETLoader": ({"unet_name": ["*"], "weight_dtype": ["default", "fp8_e4m3fn", "fp8_e4m3fn_fast",
+                                                                "fp8_e5m2"]}, ["MODEL"]),
+          "CLIPLoader": ({"clip_name": ["*"], "type": ["flux2"], "device": ["default", "cpu"]}, ["CLIP"]),
+          "VAELoader": ({"vae_name": ["*"]}, ["VAE"]),
+          "CLIPTextEncode": ({"text": "STRING", "clip": "CLIP"}, ["CONDITIONING"]),
+          "FluxGuidance": ({"conditioning": "CONDITIONING", "guidance": "FLOAT"}, ["CONDITIONING"]),
+          "EmptyFlux2LatentImage": ({"width": "INT", "height": "INT", "batch_size": "INT"}, ["LATENT"]),
+          "RandomNoise": ({"noise_seed": "INT"}, ["NOISE"]),
+          "BasicGuider": ({"model": "MODEL", "conditioning": "CONDITIONING"}, ["GUIDER"]),
+          "KSamplerSelect": ({"sampler_name": ["euler", "euler_ancestral", "dpmpp_2m"]}, ["SAMPLER"]),
+          "Flux2Scheduler": ({"steps": "INT", "width": "INT", "height": "INT"}, ["SIGMAS"]),
+          "SamplerCustomAdvanced": ({"noise": "NOISE", "guider": "GUIDER", "sampler": "SAMPLER", "sigmas": "SIGMAS",
+                                     "latent_image": "LATENT"}, ["LATENT", "LATENT"]),
+          "VAEDecode": ({"samples": "LATENT", "vae": "VAE"}, ["IMAGE"])}
+# filled from model folders
+DYNAMIC_COMBOS = {"model_name", "text_encoder_name", "vae_name", "lora_name", "unet_name", "clip_name"}
 
 
 def _builder():
@@ -110,7 +126,7 @@ def test_ui_workflow_is_valid(path):
         values = list(n["widgets_values"])
         for name in widget_names:
             check_widget(ct, name, values.pop(0))
-            if name == "seed":
+            if name in ("seed", "noise_seed"):
                 assert values.pop(0) in ("fixed", "increment", "decrement", "randomize")
         assert values == [], f"{ct}: extra widget values {values}"
     for link_id, src, src_slot, dst, dst_slot, typ in wf["links"]:
