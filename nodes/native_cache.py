@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from ..optim.caching import CacheSettings, OWN_METHODS, parse_coefficients
 from ..optim.caching.bfl_layout import STATE_KEY, BflStepCache, block_replacements
+from ..optim.caching.teacache import CALIBRATED
 from . import comfy_patching, node_messages
 from .cache import Flux2AccelStepCache
 
@@ -88,9 +89,14 @@ def patched(model, settings: CacheSettings, node_id=None):
     clone = model.clone()
     if not settings.enabled:
         return clone
+    family = comfy_patching.family_of(diffusion_model)
+    if settings.method == "teacache" and not settings.coefficients and not CALIBRATED.get(family, False):
+        log.warning("flux2-accel TeaCache: no published coefficients for FLUX.2 [%s]; using the [dev] polynomial as "
+                    "a placeholder. Calibrate with `flux2-accel calibrate-teacache` and paste the coefficients into "
+                    "the node for reliable skipping.", family)
     num_double, num_single = len(diffusion_model.double_blocks), len(diffusion_model.single_blocks)
     clone.model_options.setdefault("transformer_options", {})[CONFIG_KEY] = NativeCacheConfig(
-        settings, comfy_patching.family_of(diffusion_model), num_double, num_single,
+        settings, family, num_double, num_single,
         None if node_id is None else str(node_id))
     comfy_patching.replace_blocks(clone, block_replacements(num_double, num_single))
     comfy_patching.set_wrapper(clone, comfy_patching.OUTER_SAMPLE, WRAPPER_KEY, outer_sample_wrapper)

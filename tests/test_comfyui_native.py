@@ -269,7 +269,7 @@ def test_native_lora_strength_changes_under_compile_recompile_nothing(comfyui):
             dict(lora=0.8, seed=7), dict(lora=0.8, steps=3), dict(lora=0.8, cache=("fbcache", 0.3))]
     latents, compile_lines = [], []
     for changes in runs:
-        options = dict(cache=("fbcache", 0.05), compile_backend="eager", **changes)
+        options = {"cache": ("fbcache", 0.05), "compile_backend": "eager", **changes}
         offset = len(log_path.read_text())
         entry, _ = run_prompt(url, log_path, graph_for(**options))
         latents.append(saved_latent(base, entry))
