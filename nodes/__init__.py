@@ -5,7 +5,8 @@ from __future__ import annotations
 import importlib
 
 # Explicit registry: add a module here when it defines nodes.
-NODE_MODULES = ("loaders", "text", "sampler", "vae", "remote", "cache", "lora", "compile", "bridges")
+NODE_MODULES = ("loaders", "text", "sampler", "vae", "remote", "cache", "lora", "compile", "bridges", "native_cache",
+                "native_compile")
 
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}

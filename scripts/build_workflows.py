@@ -151,7 +151,36 @@ FLUX2_REMOTE_NATIVE = {
     "12": ("VAEDecode", "VAE Decode", {}, {"samples": ("10", 0), "vae": ("11", 0)}),
     "13": ("SaveImage", "Save Image", {"filename_prefix": "flux2-accel-remote"}, {"images": ("12", 0)}),
 }
-WORKFLOWS.update({"flux2_nf4_ksampler": FLUX2_NF4_KSAMPLER, "flux2_remote_native": FLUX2_REMOTE_NATIVE})
+# ComfyUI's own FLUX.2 text-to-image graph (native nodes only), with the pack's native-MODEL speed nodes between the
+# diffusion-model loader and the guider: step cache, then regional compile.
+FLUX2_NATIVE_T2I_FAST = {
+    "101": ("UNETLoader", "Load Diffusion Model",
+            {"unet_name": "flux2_dev_fp8mixed.safetensors", "weight_dtype": "default"}, {}),
+    "102": ("CLIPLoader", "Load CLIP",
+            {"clip_name": "mistral_3_small_flux2_fp8.safetensors", "type": "flux2", "device": "default"}, {}),
+    "103": ("VAELoader", "Load VAE", {"vae_name": "flux2-vae.safetensors"}, {}),
+    "104": ("CLIPTextEncode", "CLIP Text Encode (Prompt)",
+            {"text": "A red fox sitting in fresh snow at golden hour, photo"}, {"clip": ("102", 0)}),
+    "105": ("FluxGuidance", "FluxGuidance", {"guidance": 4.0}, {"conditioning": ("104", 0)}),
+    "106": ("Flux2AccelNativeStepCache", "Step Cache (FLUX.2, native MODEL)",
+            {"method": "fbcache", "threshold": 0.12, "start_percent": 0.0, "end_percent": 1.0,
+             "max_consecutive_cached": 3, "warmup_steps": 1, "teacache_coefficients": "", "min_steps": 6},
+            {"model": ("101", 0)}),
+    "107": ("Flux2AccelNativeCompile", "Torch Compile (FLUX.2, native MODEL)",
+            {"mode": "default", "dynamic": "auto", "fullgraph": False, "backend": "inductor"}, {"model": ("106", 0)}),
+    "108": ("EmptyFlux2LatentImage", "Empty Flux 2 Latent", {"width": 1024, "height": 1024, "batch_size": 1}, {}),
+    "109": ("RandomNoise", "RandomNoise", {"noise_seed": 42}, {}),
+    "110": ("BasicGuider", "BasicGuider", {}, {"model": ("107", 0), "conditioning": ("105", 0)}),
+    "111": ("KSamplerSelect", "KSamplerSelect", {"sampler_name": "euler"}, {}),
+    "112": ("Flux2Scheduler", "Flux2Scheduler", {"steps": 28, "width": 1024, "height": 1024}, {}),
+    "113": ("SamplerCustomAdvanced", "SamplerCustomAdvanced", {},
+            {"noise": ("109", 0), "guider": ("110", 0), "sampler": ("111", 0), "sigmas": ("112", 0),
+             "latent_image": ("108", 0)}),
+    "114": ("VAEDecode", "VAE Decode", {}, {"samples": ("113", 0), "vae": ("103", 0)}),
+    "115": ("SaveImage", "Save Image", {"filename_prefix": "flux2-native"}, {"images": ("114", 0)}),
+}
+WORKFLOWS.update({"flux2_nf4_ksampler": FLUX2_NF4_KSAMPLER, "flux2_remote_native": FLUX2_REMOTE_NATIVE,
+                  "flux2_native_t2i_fast": FLUX2_NATIVE_T2I_FAST})
 # Canvas positions [x, y]: loaders in a column, then encode, sampler (tall: its statistics box grows), save; the
 # speed nodes below the loaders.
 LAYOUT = {"1": [40, 60], "2": [40, 220], "3": [40, 380], "4": [420, 60], "5": [420, 330], "6": [800, 60],
@@ -167,10 +196,16 @@ LAYOUTS = {
     "flux2_remote_native": {"1": [40, 60], "2": [40, 220], "3": [420, 220], "4": [420, 340], "5": [800, 60],
                             "6": [40, 520], "7": [420, 480], "8": [420, 600], "9": [40, 680], "10": [800, 220],
                             "11": [800, 500], "12": [1180, 60], "13": [1180, 200]},
+    # loaders, prompt, speed nodes, sampling parts, decode and save
+    "flux2_native_t2i_fast": {"101": [40, 60], "102": [40, 200], "103": [40, 360], "104": [420, 200],
+                              "105": [420, 420], "106": [40, 500], "107": [40, 780], "108": [800, 60],
+                              "109": [800, 220], "110": [800, 340], "111": [800, 460], "112": [800, 560],
+                              "113": [1180, 60], "114": [1180, 320], "115": [1540, 60]},
 }
 # Node heights on the canvas (the frontend grows a node to fit its widgets).
 HEIGHTS = {"Flux2AccelSampler": 330, "Flux2AccelStepCache": 280, "Flux2AccelCompile": 230, "LoadImage": 320,
-           "Flux2AccelLoraStack": 330, "Flux2AccelRemoteTextEncode": 250, "ImageBatch": 60}
+           "Flux2AccelLoraStack": 330, "Flux2AccelRemoteTextEncode": 250, "ImageBatch": 60,
+           "Flux2AccelNativeStepCache": 280, "Flux2AccelNativeCompile": 180, "CLIPTextEncode": 180}
 
 # Widgets the frontend adds after a value: seeds get a "control after generate" entry, LoadImage an upload button.
 CONTROL_AFTER = {"seed": "fixed", "noise_seed": "fixed", "image": "image"}
@@ -188,6 +223,10 @@ OUTPUT_TYPES = {
     "SaveImage": [],
     "LoadImage": [("IMAGE", "IMAGE"), ("MASK", "MASK")],
     "ImageBatch": [("IMAGE", "IMAGE")],
+    "Flux2AccelNativeStepCache": [("MODEL", "MODEL")],
+    "Flux2AccelNativeCompile": [("MODEL", "MODEL")],
+    "CLIPLoader": [("CLIP", "CLIP")],
+    "CLIPTextEncode": [("CONDITIONING", "CONDITIONING")],
     "Flux2AccelToModel": [("model", "MODEL")],
     "Flux2AccelToConditioning": [("conditioning", "CONDITIONING")],
     "Flux2AccelFromConditioning": [("conditioning", "FLUX2_CONDITIONING")],
@@ -273,6 +312,12 @@ NOTES = {  # workflow -> [(markdown, [x, y], [width, height])]
         "encoded on the remote endpoint (token in `FLUX2_ACCEL_REMOTE_TOKEN`, never in the workflow); Conditioning "
         "to ComfyUI (FLUX.2) feeds it to FluxGuidance, BasicGuider and SamplerCustomAdvanced with Flux2Scheduler "
         "(diffusers' FLUX.2 schedule).", [1180, 560], [460, 400])],
+    "flux2_native_t2i_fast": [(
+        downloads("dev_fp8", "mistral_fp8", "vae") + "\n\n**ComfyUI's own FLUX.2 graph, faster.** Step Cache "
+        "(FLUX.2, native MODEL) skips steps whose result barely changes (First Block Cache at 0.12), and Torch "
+        "Compile (FLUX.2, native MODEL) compiles the transformer blocks at the first prompt; later prompts, LoRA "
+        "strengths, seeds and thresholds reuse it. Both work on any MODEL ComfyUI loads for FLUX.2 (bf16, fp8, "
+        "GGUF from another pack). Load CLIP's type must be `flux2`.", [1180, 620], [460, 420])],
     "flux2_remote_text_encode": [(
         downloads("dev_fp8", "vae") + "\n\n**No text encoder download.** The prompt is encoded on the remote "
         "endpoint. Set the token in the environment variable `FLUX2_ACCEL_REMOTE_TOKEN` (or the ComfyUI setting "

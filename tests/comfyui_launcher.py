@@ -26,12 +26,17 @@ import types
 STAND_IN = "torchvision"
 
 
+class StandInAttributeError(AttributeError):
+    """An attribute of the stand-in was used. An AttributeError, so probes (hasattr, getattr with a default, as
+    torch's inductor makes of torchvision) see "not there" and carry on, while a real use fails with this message."""
+
+
 class _StandInModule(types.ModuleType):
     def __getattr__(self, name):
         if name.startswith("__"):
             raise AttributeError(name)
-        raise RuntimeError(f"{self.__name__}.{name}: torchvision is a test stand-in here (no CPU build of "
-                           "torchvision loads beside this torch); this code path needs the real package.")
+        raise StandInAttributeError(f"{self.__name__}.{name}: torchvision is a test stand-in here (no CPU build of "
+                                    "torchvision loads beside this torch); this code path needs the real package.")
 
 
 class _StandInFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):

@@ -36,7 +36,9 @@ def widgets(name):
 def test_every_node_is_prefixed_named_and_documented():
     for name, cls in NODE_CLASS_MAPPINGS.items():
         assert name.startswith("Flux2Accel") and name in NODE_DISPLAY_NAME_MAPPINGS
-        for section in cls.INPUT_TYPES().values():
+        for kind, section in cls.INPUT_TYPES().items():
+            if kind == "hidden":  # ComfyUI's hidden inputs ("UNIQUE_ID"...) are filled by ComfyUI, never shown
+                continue
             for input_name, spec in section.items():
                 opts = spec[1] if len(spec) > 1 else {}
                 assert opts.get("tooltip"), f"{name}.{input_name} has no tooltip"

@@ -33,12 +33,14 @@ NATIVE.update({
     "RandomNoise": ({"noise_seed": "INT"}, ["NOISE"]),
     "SamplerCustomAdvanced": ({"noise": "NOISE", "guider": "GUIDER", "sampler": "SAMPLER", "sigmas": "SIGMAS",
                                "latent_image": "LATENT"}, ["LATENT", "LATENT"]),
+    "CLIPLoader": ({"clip_name": [], "type": ["flux2"], "device": ["default", "cpu"]}, ["CLIP"]),
+    "CLIPTextEncode": ({"text": "STRING", "clip": "CLIP"}, ["CONDITIONING"]),
 })
 # Frontend-only nodes: in UI files only, never sent to the server.
 FRONTEND_ONLY = {"Note": ({"text": "STRING"}, []), "MarkdownNote": ({"text": "STRING"}, [])}
 # Combos filled from model folders (or ComfyUI's input/ folder): any file name is valid in a shipped workflow.
 DYNAMIC_COMBOS = {"model_name", "text_encoder_name", "vae_name", "lora_name", "lora_1", "lora_2", "lora_3", "lora_4",
-                  "image", "unet_name"}
+                  "image", "unet_name", "clip_name"}
 # What the loaders read, and from which models/ folder: each workflow's canvas note must name both.
 LOADER_FILES = {"Flux2AccelLoadDiffusionModel": ("model_name", "diffusion_models"),
                 "Flux2AccelLoadTextEncoder": ("text_encoder_name", "text_encoders"),

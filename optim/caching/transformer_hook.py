@@ -33,7 +33,7 @@ class BranchTracker(StateManager):
         self.run.branch_name = None if context is None else context.name
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
     # Per-call timings must include the GPU work; one sync per call is noise next to a FLUX.2 forward.
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -53,7 +53,7 @@ class StepCacheHook(ModelHook):
         device = kwargs["hidden_states"].device if "hidden_states" in kwargs else args[0].device
         start = time.perf_counter()
         output, skipped = self.call(self.fn_ref.original_forward, branch, args, kwargs)
-        _synchronize(device)
+        synchronize(device)
         self.run.record(branch, skipped, time.perf_counter() - start)
         return output
 
