@@ -10,20 +10,24 @@ diffusers). Rows are listed in `rows.ROWS`; the JSON schema is documented in doc
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import platform
 import sys
 import tempfile
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..attention import BACKENDS as ATTENTION_CHOICES
 from ..errors import InputError
 from .models import CONFIGS, REAL_CONFIGS, BenchModel
-from .rows import ERROR, OK, ROW_NAMES, ROWS, UNAVAILABLE, BenchContext, RowResult, Unavailable, fidelity, release
+from .rows import (DEFAULT_ROWS, ERROR, OK, ROW_NAMES, ROWS, UNAVAILABLE, BenchContext, RowResult, Unavailable,
+                   fidelity, release)
 
 log = logging.getLogger("flux2_accel")
 
@@ -33,6 +37,7 @@ DEFAULT_STEPS = 6
 DEFAULT_REPEATS = 3
 DEFAULT_WARMUP = 1
 SEED = 0
+FAIL_ROWS_ENV = "FLUX2_ACCEL_BENCH_FAIL_ROWS"  # test hook: comma-separated rows that raise when they start
 
 
 @dataclass(frozen=True)
@@ -44,13 +49,25 @@ class BenchOptions:
     repeats: int = DEFAULT_REPEATS
     warmup: int = DEFAULT_WARMUP
     device: str = "cpu"
-    rows: tuple[str, ...] = ROW_NAMES
+    rows: tuple[str, ...] = DEFAULT_ROWS
     text_tokens: int | None = None  # None: 512 for the real sizes (what the pipelines pad prompts to), else 32
     seed: int = SEED
     guidance: float = 4.0
     interleave: bool | None = None  # None: interleave unless the real sizes (their modules would not fit together)
+    attention_backend: str = "sdpa"  # every pack row's (optim.attention.BACKENDS); the attn-* rows set their own
+    compile_backend: str = "inductor"  # torch.compile backend of the compile and all-on rows
+    warmup_steps: int | None = None  # steps of a warm-up run (same shapes, so everything is warm); None: --steps
+    cold_process_compile: bool = True  # the compile row also compiles in a fresh process (cold compile time)
+    deadline_s: float | None = None  # rows not started this many seconds after the start are not run (reported)
 
     def validate(self) -> None:
+        from ..attention import BACKENDS
+
+        if self.attention_backend not in BACKENDS:
+            raise InputError(f"--attention-backend is '{self.attention_backend}': choose one of "
+                             f"{', '.join(BACKENDS)}.")
+        if self.warmup_steps is not None and self.warmup_steps < 1:
+            raise InputError(f"--warmup-steps is {self.warmup_steps}: it must be at least 1.")
         if self.config not in CONFIGS:
             raise InputError(f"--config is '{self.config}': choose one of {', '.join(CONFIGS)}.")
         unknown = [r for r in self.rows if r not in ROW_NAMES]
@@ -79,9 +96,10 @@ class BenchOptions:
         return 512 if self.config in REAL_CONFIGS else 32
 
 
-def run_bench(options: BenchOptions, progress=None) -> tuple[list[RowResult], dict]:
+def run_bench(options: BenchOptions, progress=None, on_row=None) -> tuple[list[RowResult], dict]:
     """Run the rows of `options` (baseline always first: it is the reference). Returns the rows, in the order asked
-    (baseline first), and a description of the machine."""
+    (baseline first), and a description of the machine. on_row(results): called with every row's result so far
+    each time a row is done (the device check writes its JSON then, so a run cut short still leaves one)."""
     from ..sampling import SamplingParams
 
     options.validate()
@@ -99,23 +117,43 @@ def run_bench(options: BenchOptions, progress=None) -> tuple[list[RowResult], di
     rows = [r for name in names for r in ROWS if r.name == name]
     results = {r.name: RowResult(r.name, OK, options.config, str(device), options.steps, r.description)
                for r in rows}
+    warm_params = (params if options.warmup_steps is None
+                   else dataclasses.replace(params, steps=min(options.warmup_steps, options.steps)))
     with tempfile.TemporaryDirectory(prefix="flux2-accel-bench-") as workdir:
-        ctx = BenchContext(model, params, model.prompt_embeds(options.tokens), vae, options.warmup, Path(workdir))
-        bench = _Bench(ctx, results, say, paired=options.interleaved)
+        ctx = BenchContext(model, params, model.prompt_embeds(options.tokens), vae, options.warmup, Path(workdir),
+                           warm_params=warm_params, attention_backend=options.attention_backend,
+                           compile_backend=options.compile_backend,
+                           cold_process_compile=options.cold_process_compile)
+        bench = _Bench(ctx, results, say, paired=options.interleaved, on_row=on_row,
+                       deadline=None if options.deadline_s is None else time.monotonic() + options.deadline_s)
         if options.interleaved:
             bench.interleaved(rows, options.repeats)
         else:
             bench.sequential(rows, options.repeats)
-    return list(results.values()), machine_description(device)
+    machine = machine_description(device)
+    if ctx.calibrated_threshold is not None:
+        machine["fbcache_half_threshold"] = ctx.calibrated_threshold
+        machine["fbcache_half_skips_on_baseline"] = ctx.calibrated_skips
+    return list(results.values()), machine
+
+
+def injected_failures() -> set[str]:
+    """Rows the test hook FLUX2_ACCEL_BENCH_FAIL_ROWS asks to fail (the device check's test proves a failed row is
+    recorded and the next one runs)."""
+    return {n.strip() for n in os.environ.get(FAIL_ROWS_ENV, "").split(",") if n.strip()}
 
 
 class _Bench:
     """Drives the rows' stages; a row that raises is marked and the others go on (the baseline must not fail)."""
 
-    def __init__(self, ctx: BenchContext, results: dict[str, RowResult], say, paired: bool):
+    def __init__(self, ctx: BenchContext, results: dict[str, RowResult], say, paired: bool, on_row=None,
+                 deadline: float | None = None):
         self.ctx, self.results, self.say = ctx, results, say
         self.paired = paired  # repeat k of every row ran in one round: compare rows round by round
         self.reference = None  # (latent, image, RowResult) of the baseline
+        self.on_row = on_row or (lambda results: None)
+        self.deadline = deadline
+        self.fail = injected_failures()
 
     def _stage(self, name: str, stage, *args):
         try:
@@ -130,9 +168,19 @@ class _Bench:
         self.say(f"bench: {name} {self.results[name].status} ({self.results[name].reason})")
         return None
 
+    def _build(self, row):
+        if row.name in self.fail:
+            raise RuntimeError(f"injected failure ({FAIL_ROWS_ENV})")
+        return row.start(self.ctx)
+
     def _start(self, row):
+        if row.name != "baseline" and self.deadline is not None and time.monotonic() > self.deadline:
+            self.results[row.name].status = UNAVAILABLE
+            self.results[row.name].reason = "not run: the time budget for starting rows was spent"
+            self.say(f"bench: {row.name} skipped (time budget)")
+            return None
         self.say(f"bench: {row.name}: building and warming up")
-        run = self._stage(row.name, row.start, self.ctx)
+        run = self._stage(row.name, self._build, row)
         if run is not None and self._stage(row.name, self._warm, run) is None:
             run.close()
             return None
@@ -177,7 +225,8 @@ class _Bench:
             if run is not None and all(self._timed(row.name, run) for _ in range(repeats)):
                 self._finish(row.name, run)
             run = None
-            release()
+            release()  # a failed row's memory too: its module went with `run` and the exception
+            self.on_row(self.results)
 
     def interleaved(self, rows, repeats: int) -> None:
         """Every row built and warmed, then timed round-robin: repeat k of every row before repeat k+1 of any."""
@@ -194,6 +243,7 @@ class _Bench:
         for name in list(runs):
             self._finish(name, runs.pop(name))
         release()
+        self.on_row(self.results)
 
 
 def speedup(baseline_seconds: list[float], row_seconds: list[float], paired: bool) -> float:
@@ -214,7 +264,7 @@ def _fill(result: RowResult, measured, params) -> None:
     result.run_seconds = [round(s, 6) for s in measured.run_seconds]
     result.sec_per_image = median(measured.run_seconds) / params.batch_size
     result.sec_per_step = result.sec_per_image / params.steps
-    for name in ("weight_bytes", "peak_mem_bytes", "computed_steps", "skipped_steps", "compile_s_cold",
+    for name in ("weight_bytes", "peak_mem_bytes", "peak_vram_bytes", "computed_steps", "skipped_steps", "compile_s_cold",
                  "compile_s_warm", "recompiles"):
         setattr(result, name, getattr(measured, name))
     result.stats = measured.stats
@@ -247,6 +297,11 @@ def machine_description(device: torch.device) -> dict:
     if device.type == "cuda":
         desc["gpu"] = torch.cuda.get_device_name(device)
         desc["cuda"] = torch.version.cuda
+        desc["compute_capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
+    from ..attention import resolve
+
+    auto = resolve("auto", device, torch.bfloat16)
+    desc["attention_auto"] = auto.backend  # what attention_backend "auto" picks here (diffusers' name)
     return desc
 
 
@@ -269,14 +324,30 @@ def add_arguments(p) -> None:
     p.add_argument("--repeats", type=int, default=DEFAULT_REPEATS, help="timed runs per row (the median is reported)")
     p.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, help="untimed runs per row before the timed ones")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--rows", default=",".join(ROW_NAMES),
-                   help=f"comma-separated rows to run (baseline always runs): {','.join(ROW_NAMES)}")
+    p.add_argument("--rows", default=",".join(DEFAULT_ROWS),
+                   help=f"comma-separated rows to run (baseline always runs): {','.join(ROW_NAMES)} (default: all "
+                        "but the GPU-only nf4-offload and attn-*)")
     p.add_argument("--text-tokens", type=int, default=None,
                    help="length of the random text embeddings (default 512 for real sizes, 32 otherwise)")
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--interleave", choices=("auto", "on", "off"), default="auto",
                    help="time the rows round-robin (every row's modules resident at once), so load that drifts on "
                         "a shared machine hits all rows alike; auto: on except for the real sizes")
+    p.add_argument("--attention-backend", choices=ATTENTION_CHOICES, default="sdpa",
+                   help="attention kernel of every pack row (the attn-* rows each measure one); default sdpa, so "
+                        "pack-bf16 stays comparable bit for bit with bare diffusers")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend of the compile and all-on rows (aot_eager: no code generation)")
+    p.add_argument("--warmup-steps", type=int, default=None,
+                   help="steps of each warm-up run (same shapes, so kernels and compiled code are warm); "
+                        "default: --steps")
+    p.add_argument("--preset", choices=("device-check",),
+                   help="device-check: the prepared GPU check, FLUX.2 [dev] and [klein] 4B at 1024x1024 with every "
+                        "row that matters, into --out (see scripts/device_check.sh); other options are ignored "
+                        "but --sizes, --device and --compile-backend")
+    p.add_argument("--out", metavar="DIR", help="--preset: the folder for its JSON, table, charts")
+    p.add_argument("--sizes", choices=("real", "tiny"), default="real",
+                   help="--preset: real model sizes, or tiny ones (the same path on a CPU in seconds, for tests)")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON (schema: docs/benchmark.md)")
     p.add_argument("--plot", metavar="FILE.png", help="write a chart of speedup against deviation")
 
@@ -286,12 +357,20 @@ def options_from_args(args) -> BenchOptions:
     return BenchOptions(config=args.config, height=args.height, width=args.width, steps=args.steps,
                         repeats=args.repeats, warmup=args.warmup, device=args.device, rows=rows,
                         text_tokens=args.text_tokens, seed=args.seed,
-                        interleave={"auto": None, "on": True, "off": False}[args.interleave])
+                        interleave={"auto": None, "on": True, "off": False}[args.interleave],
+                        attention_backend=args.attention_backend, compile_backend=args.compile_backend,
+                        warmup_steps=args.warmup_steps)
 
 
 def run(args) -> int:
     from .report import document, format_table, plot, write_json
 
+    if args.preset == "device-check":
+        from .device_check import run_device_check
+
+        if not args.out:
+            raise InputError("--preset device-check needs --out DIR, the folder its files go to.")
+        return run_device_check(args.out, sizes=args.sizes, device=args.device, compile_backend=args.compile_backend)
     options = options_from_args(args)
     rows, machine = run_bench(options, progress=lambda text: print(text, file=sys.stderr, flush=True))
     title = (f"{options.config} {options.width}x{options.height}, {options.steps} steps, {machine['cpu'] if 'gpu' not in machine else machine['gpu']}")

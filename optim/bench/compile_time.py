@@ -25,7 +25,8 @@ def compile_once(config: str = "small", height: int = 128, width: int = 128, dev
                  scope: str = "regional", mode: str = "default", text_tokens: int = 32) -> dict:
     """Compile the bench's `config` transformer in this process and run one forward; the compile feature's stats."""
     from ..compile import CompileSettings, activate
-    from ..handle import ModelHandle, RunReport
+    from ..feature_api import RunReport
+    from ..handle import ModelHandle
     from ..tiny import forward_inputs
     from .models import CONFIGS, BenchModel
 

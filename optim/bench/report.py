@@ -45,6 +45,29 @@ def format_table(rows: list[RowResult]) -> str:
     return "\n".join(lines)
 
 
+_MARKDOWN = (  # header, cell
+    ("row", lambda r: f"`{r.name}`"),
+    ("status", lambda r: r.status),
+    ("s/step", lambda r: _num(r.sec_per_step, "{:.3f}")),
+    ("s/image", lambda r: _num(r.sec_per_image, "{:.2f}")),
+    ("speedup", lambda r: _num(r.speedup_vs_baseline, "{:.2f}x")),
+    ("peak VRAM GiB", lambda r: _num(r.peak_vram_bytes, "{:.1f}", 1 / 2**30)),
+    ("steps run/skip", lambda r: "-" if r.computed_steps is None else f"{r.computed_steps}/{r.skipped_steps}"),
+    ("compile s", lambda r: _num(r.compile_s_cold, "{:.0f}")),
+    ("recompiles", lambda r: _num(r.recompiles, "{}")),
+    ("rel_l2 vs baseline", lambda r: _num(r.rel_l2, "{:.3g}")),
+    ("PSNR dB", lambda r: "-" if r.psnr is None else ("inf" if math.isinf(r.psnr) else f"{r.psnr:.1f}")),
+    ("note", lambda r: (r.reason or r.note or "").replace("|", "/")),
+)
+
+
+def format_markdown(rows: list[RowResult]) -> str:
+    """The README's table: one markdown row per bench row, failures and their reasons included."""
+    lines = ["| " + " | ".join(h for h, _ in _MARKDOWN) + " |", "|" + " --- |" * len(_MARKDOWN)]
+    lines += ["| " + " | ".join(cell(r) for _, cell in _MARKDOWN) + " |" for r in rows]
+    return "\n".join(lines)
+
+
 def document(rows: list[RowResult], machine: dict, options: dict) -> dict:
     return {"schema_version": SCHEMA_VERSION, "machine": machine, "options": options,
             "rows": [r.to_json() for r in rows]}
