@@ -7,7 +7,8 @@ Two bench runs in one process, one after the other, on random bf16 weights built
 - FLUX.2 [klein] 4B at 1024x1024, 4 steps: baseline, pack-bf16, compile.
 Every row: one warm-up run of WARMUP_STEPS steps (same shapes: kernels, cuBLAS and compiled code all warm), one
 timed run; rows one at a time, memory released between them; a row that fails (out of memory, say) is recorded with
-its reason and the next one runs. `--sizes tiny` runs the same rows, steps and code on tiny models (tests, CPU).
+its reason and the next one runs. `--sizes tiny` runs the same rows and code on tiny models, 64x64, 8 [dev] steps
+(tests, CPU: seconds).
 
 Time budget on one H200 (estimates: no GPU figure exists yet):
   start, imports, CUDA init                                                        ~20 s
@@ -56,15 +57,16 @@ class Section:
     config: str  # bench config at real sizes
     tiny_config: str  # the same family, tiny (--sizes tiny)
     steps: int
+    tiny_steps: int  # fewer for --sizes tiny where a step count changes nothing but the time the test takes
     rows: tuple[str, ...]
     start_budget_s: float
 
 
 SECTIONS = (
-    Section("dev", "FLUX.2 [dev]", "dev", "tiny", 28,
+    Section("dev", "FLUX.2 [dev]", "dev", "tiny", 28, 8,
             ("baseline", "pack-bf16", "fp8-fast", "fbcache-half", "all-on", "compile", "nf4-offload", "teacache",
              "attn-cudnn", "attn-flash", "attn-sage"), DEV_START_BUDGET_S),
-    Section("klein-4b", "FLUX.2 [klein] 4B", "klein-4b", "tiny-klein", 4, ("baseline", "pack-bf16", "compile"),
+    Section("klein-4b", "FLUX.2 [klein] 4B", "klein-4b", "tiny-klein", 4, 4, ("baseline", "pack-bf16", "compile"),
             KLEIN_START_BUDGET_S),
 )
 REAL_SIZE, TINY_SIZE = 1024, 64
@@ -76,7 +78,7 @@ def section_options(section: Section, sizes: str, device: str, compile_backend: 
     tiny = sizes == "tiny"
     size = TINY_SIZE if tiny else REAL_SIZE
     return BenchOptions(config=section.tiny_config if tiny else section.config, height=size, width=size,
-                        steps=section.steps, repeats=1, warmup=1, warmup_steps=WARMUP_STEPS, device=device,
+                        steps=section.tiny_steps if tiny else section.steps, repeats=1, warmup=1, warmup_steps=WARMUP_STEPS, device=device,
                         rows=section.rows, text_tokens=TINY_TOKENS if tiny else REAL_TOKENS, interleave=False,
                         attention_backend="sdpa", compile_backend=compile_backend, cold_process_compile=False,
                         deadline_s=deadline_s)
