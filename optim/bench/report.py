@@ -20,7 +20,7 @@ _COLUMNS = (  # header, width, cell
     ("weights MiB", 11, lambda r: _num(r.weight_bytes, "{:.2f}", 1 / 2**20)),
     ("steps run/skip", 14, lambda r: "-" if r.computed_steps is None else f"{r.computed_steps}/{r.skipped_steps}"),
     ("compile s cold/warm", 19, lambda r: "-" if r.compile_s_cold is None
-     else f"{r.compile_s_cold:.1f}/{r.compile_s_warm:.1f}"),
+     else f"{r.compile_s_cold:.1f}/{_num(r.compile_s_warm, '{:.1f}')}"),
     ("recomp", 6, lambda r: _num(r.recompiles, "{}")),
     ("max|diff|", 9, lambda r: _num(r.max_abs_diff, "{:.3g}")),
     ("rel_l2", 8, lambda r: _num(r.rel_l2, "{:.3g}")),

@@ -107,14 +107,18 @@ class BenchContext:
     def device(self) -> torch.device:
         return self.model.device
 
+    @property
+    def can_calibrate(self) -> bool:
+        return self.calibrated_threshold is not None or len(self.first_block_residuals) >= MIN_CALIBRATION_STEPS
+
     def fbcache_half_threshold(self) -> float:
         """A First Block Cache threshold that skips about half the steps on these weights (whatever their per-step
         change: 0.4-0.8 on random weights, about 0.1 on real FLUX weights): found by replaying the cache's decision,
         gate included, on the first-block residuals the baseline recorded (`half_skip_threshold`)."""
         if self.calibrated_threshold is None:
-            if len(self.first_block_residuals) < 3:
+            if not self.can_calibrate:
                 raise RuntimeError("fbcache-half calibrates from the baseline's first-block residuals, and the "
-                                   "baseline has not run yet with 3 steps or more")
+                                   f"baseline has not run yet with {MIN_CALIBRATION_STEPS} steps or more")
             from ..caching import CacheSettings
 
             threshold, skips = half_skip_threshold(
@@ -345,8 +349,8 @@ class PackRun(RowRun):
         self.conditioning = ctx.conditioning()
         self.counter = BlockCounter(self.module) if count_blocks else None
         self.runs = 0
-        # The cache threshold is fbcache-half's, fixed at the first run: the baseline has run by then, whether the
-        # rows run one after another or interleaved.
+        # The cache threshold is fbcache-half's, fixed at the first run after the baseline's first: one after
+        # another, the baseline ran before this row started; interleaved, before this row's first timed run.
         self.calibrate_cache = False
 
     def handle_for(self, i: int):
@@ -355,7 +359,8 @@ class PackRun(RowRun):
     def run_once(self, params=None) -> torch.Tensor:
         from .. import engine
 
-        if self.calibrate_cache:
+        if self.calibrate_cache and (params is None or self.ctx.can_calibrate):
+            # A warm-up run before the baseline ran in full (interleaved) keeps the placeholder: it only warms.
             self.calibrate_cache = False
             self.handle = self.handle.replace(cache=dataclasses.replace(
                 self.handle.cache, threshold=self.ctx.fbcache_half_threshold()))
@@ -598,6 +603,7 @@ class LoraRestrengthRun(PackRun):
 # switched on but never skipping, and skipping about every other step.
 NO_SKIP_THRESHOLD = 1e-9
 RANDOM_WEIGHTS_SKIP_THRESHOLD = 0.8
+MIN_CALIBRATION_STEPS = 3
 PLACEHOLDER_THRESHOLD = 1.0  # replaced by the calibrated one at the row's first run
 
 
