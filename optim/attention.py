@@ -10,7 +10,7 @@ backend, so switching backends recompiles once and switching back reuses the fir
 | --- | --- | --- |
 | `sdpa` | `native` (torch's scaled_dot_product_attention; torch picks its kernel) | nothing |
 | `cudnn` | `_native_cudnn` (torch's cuDNN attention kernel) | CUDA, compute capability 8.0+, cuDNN |
-| `flash` | `_flash_3` (flash-attn 3) on Hopper (9.0) when installed, else `flash` (flash-attn 2) | CUDA 8.0+, bf16/fp16 |
+| `flash` | `_flash_3` (flash-attn 3) on Hopper (9.0) if installed, else `flash` (flash-attn 2) | CUDA 8.0+, bf16/fp16 |
 | `sage` | `sage` (SageAttention, 8-bit QK) | CUDA 8.0+, `sageattention`, bf16/fp16 |
 | `auto` | see `auto_backend` | |
 

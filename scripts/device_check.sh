@@ -17,13 +17,13 @@
 #
 # Time budget on one H200 (estimates; the arithmetic is in optim/bench/device_check.py):
 #   start + CUDA init ~20 s
-#   [dev]: one 28-step bf16 image = 28 x 3.3e14 FLOP / (~50% of 990 TFLOP/s) ~ 19 s; each row = build 64 GB of
-#          random weights on the GPU (~8 s) + a 2-step warm-up (~1.5 s) + one timed image:
-#          baseline 30 + pack-bf16 30 + fp8-fast 25 + fbcache-half 20 + all-on 75 (compile ~60) + compile 75
-#          + nf4-offload 45 + teacache 30 + attn-cudnn 30 (+30 each for flash / sage where installed) ~ 360 s
+#   [dev]: one 28-step bf16 image = 28 x 2.83e14 FLOP / (~50% of 990 TFLOP/s) ~ 16 s; each row = build 64 GB of
+#          random weights on the GPU (~8 s) + a 2-step warm-up (~1.2 s) + one timed image:
+#          baseline 25 + pack-bf16 25 + fp8-fast 22 + fbcache-half 17 + all-on 70 (compile ~60) + compile 65
+#          + nf4-offload 40 + teacache 25 + attn-cudnn 25 (+25 each for flash / sage where installed) ~ 315 s
 #   [klein] 4B: 4 steps ~ 0.3 s an image: baseline 10 + pack-bf16 10 + compile 45 ~ 65 s
-#   total ~ 445 s (7.5 min). Guard rails: [dev] rows start only in the first 300 s, [klein] rows in the first 400 s
-#   (later ones are reported "not run"), and the hard limit below stops the run at 470 s (7 min 50 s).
+#   total ~ 400 s (under 7 min). Guard rails: [dev] rows start only in the first 300 s, [klein] rows in the first
+#   400 s (later ones are reported "not run"), and the hard limit below stops the run at 470 s (7 min 50 s).
 set -u -o pipefail
 
 if [ $# -lt 1 ] || [ "${1#-}" != "$1" ]; then

@@ -264,8 +264,8 @@ def _fill(result: RowResult, measured, params) -> None:
     result.run_seconds = [round(s, 6) for s in measured.run_seconds]
     result.sec_per_image = median(measured.run_seconds) / params.batch_size
     result.sec_per_step = result.sec_per_image / params.steps
-    for name in ("weight_bytes", "peak_mem_bytes", "peak_vram_bytes", "computed_steps", "skipped_steps", "compile_s_cold",
-                 "compile_s_warm", "recompiles"):
+    for name in ("weight_bytes", "peak_mem_bytes", "peak_vram_bytes", "computed_steps", "skipped_steps",
+                 "compile_s_cold", "compile_s_warm", "recompiles"):
         setattr(result, name, getattr(measured, name))
     result.stats = measured.stats
     result.note = measured.note

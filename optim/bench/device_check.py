@@ -13,15 +13,16 @@ its reason and the next one runs. `--sizes tiny` runs the same rows and code on 
 Time budget on one H200 (estimates: no GPU figure exists yet):
   start, imports, CUDA init                                                        ~20 s
   [dev] per row: build 64 GB of random bf16 weights on the GPU                      ~8 s
-  [dev] one 28-step image, bf16: 3.3e14 FLOP/step at ~50% of 990 TFLOP/s = 0.65 s/step ~19 s (+1.5 s warm-up)
-  [dev] rows: baseline 30, pack-bf16 30, fp8-fast 25, fbcache-half 20, all-on 75 (compile ~60),
-        compile 75 (compile ~45, bf16), nf4-offload 45, teacache 30, attn-cudnn 30, attn-flash and attn-sage
-        0 when not installed (30 each when they are)                                ~360 s
-  [klein] 4 steps, ~0.08 s/step: baseline 10, pack-bf16 10, compile 45              ~65 s
-  total                                                                             ~445 s, about 7.5 minutes
+  [dev] one 28-step image, bf16: 2.83e14 FLOP/step (2.53e14 in the linear layers, 0.29e14 in attention over 4608
+        tokens) at ~50% of 990 TFLOP/s = 0.57 s/step                               ~16 s (+1.2 s 2-step warm-up)
+  [dev] rows: baseline 25, pack-bf16 25, fp8-fast 22, fbcache-half 17, all-on 70 (compile ~60),
+        compile 65 (compile ~45), nf4-offload 40 (4 GB/s-ish host<->GPU copies of ~18 GB), teacache 25,
+        attn-cudnn 25, attn-flash and attn-sage 0 when not installed (25 each when they are)  ~315 s
+  [klein] 4B: 3.5e13 FLOP/step = 0.07 s/step at 50%: baseline 10, pack-bf16 10, compile 45  ~65 s
+  total                                                                             ~400 s, under 7 minutes
 Guard rails, so the check ends under 8 minutes whatever the estimates miss: a [dev] row starts only within
 DEV_START_BUDGET_S of the start, a [klein] row within KLEIN_START_BUDGET_S (later rows are reported "not run: the
-time budget..."); the longest row (all-on, ~75 s) started at the last moment still ends by ~7.5 minutes. The script
+time budget..."); the longest row (all-on, ~70 s) started at the last moment still ends by ~7.5 minutes. The script
 adds a hard `timeout`; the JSON is rewritten after every row, so a cut run still leaves its rows.
 """
 
@@ -78,7 +79,8 @@ def section_options(section: Section, sizes: str, device: str, compile_backend: 
     tiny = sizes == "tiny"
     size = TINY_SIZE if tiny else REAL_SIZE
     return BenchOptions(config=section.tiny_config if tiny else section.config, height=size, width=size,
-                        steps=section.tiny_steps if tiny else section.steps, repeats=1, warmup=1, warmup_steps=WARMUP_STEPS, device=device,
+                        steps=section.tiny_steps if tiny else section.steps, repeats=1, warmup=1,
+                        warmup_steps=WARMUP_STEPS, device=device,
                         rows=section.rows, text_tokens=TINY_TOKENS if tiny else REAL_TOKENS, interleave=False,
                         attention_backend="sdpa", compile_backend=compile_backend, cold_process_compile=False,
                         deadline_s=deadline_s)
