@@ -443,6 +443,8 @@ class CompileRun(PackRun):
     `recompiles`: graphs dynamo compiled during the timed runs (0 when the compiled code is reused). The last block
     is not hooked: a hook would be traced into the compiled graph."""
 
+    live = 0  # compiling rows built and not yet closed
+
     def __init__(self, ctx: BenchContext, precision: str = "bf16", cold_process: bool | None = None,
                  **handle_fields):
         from ..compile import CompileSettings
@@ -461,7 +463,10 @@ class CompileRun(PackRun):
         self.warm_stats: dict = {}
         import torch._dynamo
 
-        torch._dynamo.reset()  # this row compiles from nothing, whatever ran before in this process
+        if not CompileRun.live:  # this row compiles from nothing, whatever ran before in this process; but never
+            torch._dynamo.reset()  # wipe the code of a compiling row still to be timed (interleaved rows)
+        CompileRun.live += 1
+        self.closed = False
 
     def warm(self) -> None:
         self.run_once(self.ctx.warm_params)  # compiles (from the cold process's cache, if there was one)
@@ -494,7 +499,11 @@ class CompileRun(PackRun):
         import torch._dynamo
 
         super().close()
-        torch._dynamo.reset()  # leave no compiled code behind for the rows after this one
+        if not self.closed:
+            self.closed = True
+            CompileRun.live -= 1
+            if not CompileRun.live:
+                torch._dynamo.reset()  # leave no compiled code behind for the rows after this one
 
 
 def all_on(ctx: BenchContext) -> RowRun:
