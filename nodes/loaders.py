@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..optim import layouts
+from ..optim import attention, layouts
 from ..optim.checkpoint import open_checkpoint
 from ..optim.handle import ModelHandle, TextEncoderHandle, VaeHandle
 from ..optim.offload import OFFLOAD_MODES
@@ -56,6 +56,13 @@ class Flux2AccelLoadDiffusionModel:
                 "tooltip": "Keep weights in CPU memory between uses. model_cpu: whole models move to the GPU when "
                            "they run. sequential: layer by layer (least VRAM, slowest). group: transformer blocks "
                            "prefetched on a CUDA stream. No effect on CPU-only machines."}),
+        }, "optional": {
+            "attention_backend": (list(attention.BACKENDS), {
+                "default": attention.DEFAULT_BACKEND,
+                "tooltip": "Attention kernel, switched per run (no reload). auto: the fastest exact one here (cuDNN "
+                           "or flash-attn 3 on Hopper GPUs, else sdpa). sdpa: PyTorch's. cudnn: PyTorch's cuDNN "
+                           "kernel. flash: flash-attn (3 on Hopper, else 2). sage: SageAttention, 8-bit, fastest, "
+                           "drifts from sdpa. One that cannot run here falls back to sdpa with a warning."}),
         }}
 
     RETURN_TYPES = ("FLUX2_MODEL",)
@@ -64,10 +71,12 @@ class Flux2AccelLoadDiffusionModel:
     CATEGORY = "flux2-accel/loaders"
     DESCRIPTION = "Describes a FLUX.2 transformer to load. Weights load lazily at the first sampling and are reused."
 
-    def load(self, model_name, precision, offload="none"):
+    def load(self, model_name, precision, offload="none", attention_backend=attention.DEFAULT_BACKEND):
+        attention.validate(attention_backend)
         path = resolve_choice("diffusion_models", model_name)
         check_file(path, layouts.TRANSFORMER)
-        return (ModelHandle(source=path, precision=precision, offload=offload),)
+        return (ModelHandle(source=path, precision=precision, offload=offload,
+                            attention_backend=attention_backend),)
 
 
 class Flux2AccelLoadTextEncoder:

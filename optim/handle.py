@@ -33,6 +33,7 @@ class ModelHandle:
     cache: Any = None  # step-cache settings (optim.caching.CacheSettings), or None
     compile: Any = None  # compile settings (optim.compile.CompileSettings), or None
     family: str = ""  # "dev" or "klein", filled in when known
+    attention_backend: str = "auto"  # optim.attention.BACKENDS; applied per run, never part of the base weights
 
     def replace(self, **changes) -> "ModelHandle":
         return dataclasses.replace(self, **changes)

@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # node id -> (class_type, title, widget values in INPUT_TYPES order, {input name: (source id, output slot)})
 FLUX2_T2I = {
     "1": ("Flux2AccelLoadDiffusionModel", "Load Diffusion Model (FLUX.2)",
-          {"model_name": "flux2_dev_fp8mixed.safetensors", "precision": "fp8_e4m3fn", "offload": "model_cpu"}, {}),
+          {"model_name": "flux2_dev_fp8mixed.safetensors", "precision": "fp8_e4m3fn", "offload": "model_cpu",
+           "attention_backend": "auto"}, {}),
     "2": ("Flux2AccelLoadTextEncoder", "Load Text Encoder (FLUX.2)",
           {"text_encoder_name": "mistral_3_small_flux2_fp8.safetensors", "precision": "fp8_e4m3fn"}, {}),
     "3": ("Flux2AccelLoadVAE", "Load VAE (FLUX.2)", {"vae_name": "flux2-vae.safetensors", "dtype": "bf16"}, {}),
@@ -113,7 +114,8 @@ WORKFLOWS = {
 # encoder bridged to CONDITIONING, FluxGuidance, and ComfyUI's VAE.
 FLUX2_NF4_KSAMPLER = {
     "1": ("Flux2AccelLoadDiffusionModel", "Load Diffusion Model (FLUX.2)",
-          {"model_name": "flux2-dev.safetensors", "precision": "nf4", "offload": "none"}, {}),
+          {"model_name": "flux2-dev.safetensors", "precision": "nf4", "offload": "none",
+           "attention_backend": "auto"}, {}),
     "2": ("Flux2AccelLoadTextEncoder", "Load Text Encoder (FLUX.2)",
           {"text_encoder_name": "mistral_3_small_flux2_fp8.safetensors", "precision": "fp8_e4m3fn"}, {}),
     "3": ("Flux2AccelToModel", "Model to ComfyUI (FLUX.2)", {}, {"model": ("1", 0)}),

@@ -15,18 +15,20 @@ from flux2_accel.optim import cli
 from flux2_accel.optim.bench import BenchOptions, run_bench
 from flux2_accel.optim.bench.models import CONFIGS
 from flux2_accel.optim.bench.report import document, format_table, write_json
-from flux2_accel.optim.bench.rows import OK, ROW_NAMES, RowResult
+from flux2_accel.optim.bench.rows import DEFAULT_ROWS, OK, ROW_NAMES, RowResult
 from flux2_accel.optim.errors import InputError
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmark.md"
 STEPS = 3
-# Compile is left out of the suite's run: its cold compile alone takes tens of seconds on a CPU.
-TINY_ROWS = tuple(r for r in ROW_NAMES if r != "compile")
+# Compile is left out of the suite's run: its cold compile alone takes tens of seconds on a CPU. all-on compiles
+# too, with aot_eager (no code generation).
+TINY_ROWS = tuple(r for r in DEFAULT_ROWS if r != "compile")
+ALL_ON_STEPS = 8  # enough steps for fbcache-half to skip about half
 
 
 def tiny_options(**changes) -> BenchOptions:
     base = dict(config="tiny", height=64, width=64, steps=STEPS, repeats=1, warmup=0, device="cpu", rows=TINY_ROWS,
-                text_tokens=8)
+                text_tokens=8, compile_backend="aot_eager")
     return BenchOptions(**{**base, **changes})
 
 
@@ -87,7 +89,7 @@ def test_quantized_rows_store_fewer_bytes_and_deviate_a_little(tiny_run):
 
 def test_cache_rows_report_the_features_own_counts(tiny_run):
     row = by_name(tiny_run[0])
-    for name in ("fbcache", "fbcache-noskip", "fbcache-skip", "teacache"):
+    for name in ("fbcache", "fbcache-noskip", "fbcache-skip", "fbcache-half", "teacache"):
         stats = row[name].stats["cache"]
         assert stats["method"] == name.split("-")[0]
         assert (row[name].computed_steps, row[name].skipped_steps) == (stats["computed_steps"],
@@ -190,3 +192,60 @@ def test_speedup_pairs_rounds_when_rows_are_interleaved():
     assert speedup(baseline, [0.5, 1.0, 0.7], paired=True) == 2.0  # median of 2.0, 2.0, 1.71
     assert speedup(baseline, [0.5, 1.0, 0.6], paired=False) == pytest.approx(1.2 / 0.6)
     assert speedup([1.0, 2.0], [0.5, 1.0, 0.6], paired=True) == pytest.approx(1.5 / 0.6)  # unequal: medians
+
+
+# ---------------------------------------------------------------- all-on: the features composed
+
+@pytest.fixture(scope="module")
+def all_on_run():
+    return run_bench(tiny_options(rows=("fbcache-half", "all-on"), steps=ALL_ON_STEPS, warmup=1, warmup_steps=2))
+
+
+def test_default_rows_hold_all_on_and_leave_the_gpu_only_rows_out():
+    assert {"all-on", "fbcache-half", "compile"} <= set(DEFAULT_ROWS) and BenchOptions().rows == DEFAULT_ROWS
+    assert not {"nf4-offload", "attn-cudnn", "attn-flash", "attn-sage"} & set(DEFAULT_ROWS)
+    assert set(DEFAULT_ROWS) < set(ROW_NAMES)
+
+
+def test_all_on_composes_fp8_compile_and_the_cache(all_on_run):
+    rows, machine = all_on_run
+    row = by_name(rows)
+    half, all_on = row["fbcache-half"], row["all-on"]
+    assert half.status == OK and all_on.status == OK, (half.reason, all_on.reason)
+    # fbcache-half: a threshold calibrated on the baseline's trajectory, skipping about half the steps
+    assert abs(half.skipped_steps - ALL_ON_STEPS / 2) <= max(1, ALL_ON_STEPS / 8)
+    assert machine["fbcache_half_threshold"] == half.stats["settings"]["threshold"] == \
+        all_on.stats["settings"]["cache_threshold"]
+    # all-on: the same decisions on fp8 weights under compiled blocks, no recompile on the timed run
+    assert (all_on.computed_steps, all_on.skipped_steps) == (half.computed_steps, half.skipped_steps)
+    assert all_on.stats["cache"]["skipped_steps"] == all_on.skipped_steps
+    assert all_on.recompiles == 0 and all_on.stats["compile"]["compiled"] and all_on.stats["compile"]["graphs"] == 0
+    assert all_on.compile_s_cold > 0 and all_on.compile_s_warm is None
+    assert all_on.stats["settings"]["precision"] == "fp8_e4m3fn" and "no fp8 matmuls" in all_on.note
+    assert all_on.stats["attention"] == {"asked": "sdpa", "backend": "native", "fallback": None}
+    # deviation: fp8 rounding on top of the cache's own, both small
+    assert 0 < half.rel_l2 < 0.02 and 0 < all_on.rel_l2 < 0.03
+    assert all_on.psnr > 35
+
+
+def test_bad_attention_backend_is_refused_naming_the_option():
+    with pytest.raises(InputError, match="--attention-backend is 'fast'.*auto, sdpa"):
+        run_bench(tiny_options(attention_backend="fast"))
+
+
+def test_a_row_that_raises_is_recorded_and_the_others_run(monkeypatch):
+    from flux2_accel.optim.bench import FAIL_ROWS_ENV
+
+    monkeypatch.setenv(FAIL_ROWS_ENV, "fp8")
+    rows, _ = run_bench(tiny_options(rows=("fp8", "pack-bf16"), steps=2, interleave=False))
+    row = by_name(rows)
+    assert row["fp8"].status == "error" and FAIL_ROWS_ENV in row["fp8"].reason and row["fp8"].rel_l2 is None
+    assert row["pack-bf16"].status == OK and row["pack-bf16"].max_abs_diff == 0
+
+
+def test_a_spent_time_budget_reports_the_rows_not_started():
+    rows, _ = run_bench(tiny_options(rows=("pack-bf16", "fp8"), steps=2, interleave=False, deadline_s=0))
+    row = by_name(rows)
+    assert row["baseline"].status == OK  # the reference always runs
+    for name in ("pack-bf16", "fp8"):
+        assert row[name].status == "unavailable" and "time budget" in row[name].reason

@@ -10,255 +10,19 @@ diffusers). Rows are listed in `rows.ROWS`; the JSON schema is documented in doc
 
 from __future__ import annotations
 
-import logging
-import os
-import platform
 import sys
-import tempfile
-import traceback
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
+from ..attention import BACKENDS as ATTENTION_CHOICES
 from ..errors import InputError
-from .models import CONFIGS, REAL_CONFIGS, BenchModel
-from .rows import ERROR, OK, ROW_NAMES, ROWS, UNAVAILABLE, BenchContext, RowResult, Unavailable, fidelity, release
+from .models import CONFIGS
+from .rows import DEFAULT_ROWS, ERROR, ROW_NAMES
+from .runner import (DEFAULT_CONFIG, DEFAULT_REPEATS, DEFAULT_SIZE, DEFAULT_STEPS, DEFAULT_WARMUP, FAIL_ROWS_ENV,
+                     SEED, BenchOptions, run_bench, speedup)
 
-log = logging.getLogger("flux2_accel")
+__all__ = ["BenchOptions", "FAIL_ROWS_ENV", "add_arguments", "options_from_args", "run", "run_bench", "speedup"]
 
-DEFAULT_CONFIG = "small"
-DEFAULT_SIZE = 128
-DEFAULT_STEPS = 6
-DEFAULT_REPEATS = 3
-DEFAULT_WARMUP = 1
-SEED = 0
-
-
-@dataclass(frozen=True)
-class BenchOptions:
-    config: str = DEFAULT_CONFIG
-    height: int = DEFAULT_SIZE
-    width: int = DEFAULT_SIZE
-    steps: int = DEFAULT_STEPS
-    repeats: int = DEFAULT_REPEATS
-    warmup: int = DEFAULT_WARMUP
-    device: str = "cpu"
-    rows: tuple[str, ...] = ROW_NAMES
-    text_tokens: int | None = None  # None: 512 for the real sizes (what the pipelines pad prompts to), else 32
-    seed: int = SEED
-    guidance: float = 4.0
-    interleave: bool | None = None  # None: interleave unless the real sizes (their modules would not fit together)
-
-    def validate(self) -> None:
-        if self.config not in CONFIGS:
-            raise InputError(f"--config is '{self.config}': choose one of {', '.join(CONFIGS)}.")
-        unknown = [r for r in self.rows if r not in ROW_NAMES]
-        if unknown:
-            raise InputError(f"--rows names unknown rows {', '.join(unknown)}: choose from {', '.join(ROW_NAMES)}.")
-        for name, low in (("steps", 1), ("repeats", 1), ("warmup", 0)):
-            if getattr(self, name) < low:
-                raise InputError(f"--{name} is {getattr(self, name)}: it must be at least {low}.")
-        if self.text_tokens is not None and self.text_tokens < 1:
-            raise InputError(f"--text-tokens is {self.text_tokens}: it must be at least 1.")
-        try:
-            device = torch.device(self.device)
-        except RuntimeError as e:
-            raise InputError(f"--device '{self.device}' is not a torch device ({e}).") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise InputError(f"--device {self.device}: this torch has no CUDA device; use --device cpu.")
-
-    @property
-    def interleaved(self) -> bool:
-        return self.config not in REAL_CONFIGS if self.interleave is None else self.interleave
-
-    @property
-    def tokens(self) -> int:
-        if self.text_tokens is not None:
-            return self.text_tokens
-        return 512 if self.config in REAL_CONFIGS else 32
-
-
-def run_bench(options: BenchOptions, progress=None) -> tuple[list[RowResult], dict]:
-    """Run the rows of `options` (baseline always first: it is the reference). Returns the rows, in the order asked
-    (baseline first), and a description of the machine."""
-    from ..sampling import SamplingParams
-
-    options.validate()
-    say = progress or (lambda text: None)
-    device = torch.device(options.device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    model = BenchModel(options.config, CONFIGS[options.config], device, options.seed)
-    params = SamplingParams(width=options.width, height=options.height, steps=options.steps,
-                            guidance=options.guidance, seed=options.seed)
-    _import_everything()
-    vae = model.vae()
-    params.validate(multiple=2 ** (len(vae.config.block_out_channels) - 1) * 2)
-    names = ["baseline"] + [n for n in options.rows if n != "baseline"]
-    rows = [r for name in names for r in ROWS if r.name == name]
-    results = {r.name: RowResult(r.name, OK, options.config, str(device), options.steps, r.description)
-               for r in rows}
-    with tempfile.TemporaryDirectory(prefix="flux2-accel-bench-") as workdir:
-        ctx = BenchContext(model, params, model.prompt_embeds(options.tokens), vae, options.warmup, Path(workdir))
-        bench = _Bench(ctx, results, say, paired=options.interleaved)
-        if options.interleaved:
-            bench.interleaved(rows, options.repeats)
-        else:
-            bench.sequential(rows, options.repeats)
-    return list(results.values()), machine_description(device)
-
-
-class _Bench:
-    """Drives the rows' stages; a row that raises is marked and the others go on (the baseline must not fail)."""
-
-    def __init__(self, ctx: BenchContext, results: dict[str, RowResult], say, paired: bool):
-        self.ctx, self.results, self.say = ctx, results, say
-        self.paired = paired  # repeat k of every row ran in one round: compare rows round by round
-        self.reference = None  # (latent, image, RowResult) of the baseline
-
-    def _stage(self, name: str, stage, *args):
-        try:
-            return stage(*args)
-        except Unavailable as e:
-            self.results[name].status, self.results[name].reason = UNAVAILABLE, str(e)
-        except Exception as e:  # reported in the row; the other rows still run
-            if name == "baseline":
-                raise
-            log.debug("bench row %s failed:\n%s", name, traceback.format_exc())
-            self.results[name].status, self.results[name].reason = ERROR, f"{type(e).__name__}: {e}"
-        self.say(f"bench: {name} {self.results[name].status} ({self.results[name].reason})")
-        return None
-
-    def _start(self, row):
-        self.say(f"bench: {row.name}: building and warming up")
-        run = self._stage(row.name, row.start, self.ctx)
-        if run is not None and self._stage(row.name, self._warm, run) is None:
-            run.close()
-            return None
-        return run
-
-    @staticmethod
-    def _warm(run):
-        run.warm()
-        return True
-
-    def _timed(self, name: str, run) -> bool:
-        if self._stage(name, self._timed_once, run) is None:
-            run.close()
-            return False
-        return True
-
-    @staticmethod
-    def _timed_once(run):
-        run.timed()
-        return True
-
-    def _finish(self, name: str, run) -> None:
-        from ..latents import decode
-
-        measured = self._stage(name, run.result)
-        run.close()
-        if measured is None:
-            return
-        result = self.results[name]
-        _fill(result, measured, self.ctx.params)
-        image = decode(self.ctx.vae, measured.latent)
-        if self.reference is None:
-            self.reference = (measured.latent, image, result)
-        reference_latent, reference_image, baseline = self.reference
-        fidelity(result, measured.latent, reference_latent, image, reference_image)
-        result.speedup_vs_baseline = speedup(baseline.run_seconds, result.run_seconds, self.paired)
-        self.say(f"bench: {name} ok, {result.sec_per_step:.4f} s/step")
-
-    def sequential(self, rows, repeats: int) -> None:
-        for row in rows:
-            run = self._start(row)
-            if run is not None and all(self._timed(row.name, run) for _ in range(repeats)):
-                self._finish(row.name, run)
-            run = None
-            release()
-
-    def interleaved(self, rows, repeats: int) -> None:
-        """Every row built and warmed, then timed round-robin: repeat k of every row before repeat k+1 of any."""
-        runs = {}
-        for row in rows:
-            run = self._start(row)
-            if run is not None:
-                runs[row.name] = run
-        for k in range(repeats):
-            self.say(f"bench: timed round {k + 1}/{repeats} over {len(runs)} rows")
-            for name in list(runs):
-                if not self._timed(name, runs[name]):
-                    del runs[name]
-        for name in list(runs):
-            self._finish(name, runs.pop(name))
-        release()
-
-
-def speedup(baseline_seconds: list[float], row_seconds: list[float], paired: bool) -> float:
-    """How many times faster than the baseline. Paired (rows timed round-robin): the median over rounds of the
-    baseline's time over the row's time in the same round, so load that drifts between rounds cancels out.
-    Otherwise: the ratio of the medians."""
-    from .measure import median
-
-    if paired and len(baseline_seconds) == len(row_seconds):
-        return median([b / r for b, r in zip(baseline_seconds, row_seconds)])
-    return median(baseline_seconds) / median(row_seconds)
-
-
-def _fill(result: RowResult, measured, params) -> None:
-    """Copy a row's measurement into its result; times per step from the median timed run (a batch of one)."""
-    from .measure import median
-
-    result.run_seconds = [round(s, 6) for s in measured.run_seconds]
-    result.sec_per_image = median(measured.run_seconds) / params.batch_size
-    result.sec_per_step = result.sec_per_image / params.steps
-    for name in ("weight_bytes", "peak_mem_bytes", "computed_steps", "skipped_steps", "compile_s_cold",
-                 "compile_s_warm", "recompiles"):
-        setattr(result, name, getattr(measured, name))
-    result.stats = measured.stats
-    result.note = measured.note
-
-
-def _import_everything() -> None:
-    """Load the libraries before the memory floor is read, so a row's peak counts what the row holds."""
-    import diffusers  # noqa: F401
-    from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Pipeline, Flux2Transformer2DModel  # noqa: F401
-
-    from .. import engine, features  # noqa: F401
-
-
-def machine_description(device: torch.device) -> dict:
-    import diffusers
-
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    desc = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "load_average_1min": _load_average(),
-            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "diffusers": diffusers.__version__}
-    if device.type == "cuda":
-        desc["gpu"] = torch.cuda.get_device_name(device)
-        desc["cuda"] = torch.version.cuda
-    return desc
-
-
-def _load_average() -> float | None:
-    """Other processes' CPU use at the end of the run: on a shared machine it explains noisy timings."""
-    try:
-        return float(Path("/proc/loadavg").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-# ---------------------------------------------------------------- command line
 
 def add_arguments(p) -> None:
     p.add_argument("--config", choices=tuple(CONFIGS), default=DEFAULT_CONFIG,
@@ -269,14 +33,30 @@ def add_arguments(p) -> None:
     p.add_argument("--repeats", type=int, default=DEFAULT_REPEATS, help="timed runs per row (the median is reported)")
     p.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, help="untimed runs per row before the timed ones")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--rows", default=",".join(ROW_NAMES),
-                   help=f"comma-separated rows to run (baseline always runs): {','.join(ROW_NAMES)}")
+    p.add_argument("--rows", default=",".join(DEFAULT_ROWS),
+                   help=f"comma-separated rows to run (baseline always runs): {','.join(ROW_NAMES)} (default: all "
+                        "but the GPU-only nf4-offload and attn-*)")
     p.add_argument("--text-tokens", type=int, default=None,
                    help="length of the random text embeddings (default 512 for real sizes, 32 otherwise)")
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--interleave", choices=("auto", "on", "off"), default="auto",
                    help="time the rows round-robin (every row's modules resident at once), so load that drifts on "
                         "a shared machine hits all rows alike; auto: on except for the real sizes")
+    p.add_argument("--attention-backend", choices=ATTENTION_CHOICES, default="sdpa",
+                   help="attention kernel of every pack row (the attn-* rows each measure one); default sdpa, so "
+                        "pack-bf16 stays comparable bit for bit with bare diffusers")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend of the compile and all-on rows (aot_eager: no code generation)")
+    p.add_argument("--warmup-steps", type=int, default=None,
+                   help="steps of each warm-up run (same shapes, so kernels and compiled code are warm); "
+                        "default: --steps")
+    p.add_argument("--preset", choices=("device-check",),
+                   help="device-check: the prepared GPU check, FLUX.2 [dev] and [klein] 4B at 1024x1024 with every "
+                        "row that matters, into --out (see scripts/device_check.sh); other options are ignored "
+                        "but --sizes, --device and --compile-backend")
+    p.add_argument("--out", metavar="DIR", help="--preset: the folder for its JSON, table, charts")
+    p.add_argument("--sizes", choices=("real", "tiny"), default="real",
+                   help="--preset: real model sizes, or tiny ones (the same path on a CPU in seconds, for tests)")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON (schema: docs/benchmark.md)")
     p.add_argument("--plot", metavar="FILE.png", help="write a chart of speedup against deviation")
 
@@ -286,12 +66,20 @@ def options_from_args(args) -> BenchOptions:
     return BenchOptions(config=args.config, height=args.height, width=args.width, steps=args.steps,
                         repeats=args.repeats, warmup=args.warmup, device=args.device, rows=rows,
                         text_tokens=args.text_tokens, seed=args.seed,
-                        interleave={"auto": None, "on": True, "off": False}[args.interleave])
+                        interleave={"auto": None, "on": True, "off": False}[args.interleave],
+                        attention_backend=args.attention_backend, compile_backend=args.compile_backend,
+                        warmup_steps=args.warmup_steps)
 
 
 def run(args) -> int:
     from .report import document, format_table, plot, write_json
 
+    if args.preset == "device-check":
+        from .device_check import run_device_check
+
+        if not args.out:
+            raise InputError("--preset device-check needs --out DIR, the folder its files go to.")
+        return run_device_check(args.out, sizes=args.sizes, device=args.device, compile_backend=args.compile_backend)
     options = options_from_args(args)
     rows, machine = run_bench(options, progress=lambda text: print(text, file=sys.stderr, flush=True))
     title = (f"{options.config} {options.width}x{options.height}, {options.steps} steps, {machine['cpu'] if 'gpu' not in machine else machine['gpu']}")

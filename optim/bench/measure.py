@@ -63,6 +63,7 @@ class PeakMemory:
     def __init__(self, device: torch.device):
         self.device = device
         self.bytes: int | None = None
+        self.device_peak: int | None = None  # CUDA: torch.cuda.max_memory_allocated over the block, everything held
 
     def __enter__(self):
         if self.device.type == "cuda":
@@ -80,7 +81,8 @@ class PeakMemory:
     def __exit__(self, *exc):
         if self.device.type == "cuda":
             synchronize(self.device)
-            self.bytes = max(0, int(torch.cuda.max_memory_allocated(self.device)) - self._start)
+            self.device_peak = int(torch.cuda.max_memory_allocated(self.device))
+            self.bytes = max(0, self.device_peak - self._start)
         elif self._start is not None:
             kib = _status_kib("VmHWM")
             self.bytes = None if kib is None else max(0, kib * 1024 - self._start)

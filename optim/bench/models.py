@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..tiny import SMALL, TINY, ComponentSpec
+from ..tiny import SMALL, TINY, TINY_KLEIN, ComponentSpec
 
 # The real members of the family (shapes from the shipped configs; /work/shared/recipes/README.txt). The text width
 # is the encoder's hidden size: joint_attention_dim is three of its layers stacked (3 x 2560 = 7680 for klein-4B's
@@ -27,8 +27,8 @@ KLEIN_9B = dataclasses.replace(KLEIN_4B, num_layers=8, num_single_layers=24, num
 DEV = dataclasses.replace(KLEIN_4B, family="dev", num_layers=8, num_single_layers=48, num_attention_heads=48,
                           text_hidden_size=5120)
 
-CONFIGS: dict[str, ComponentSpec] = {"tiny": TINY, "small": SMALL, "klein-4b": KLEIN_4B, "klein-9b": KLEIN_9B,
-                                     "dev": DEV}
+CONFIGS: dict[str, ComponentSpec] = {"tiny": TINY, "tiny-klein": TINY_KLEIN, "small": SMALL, "klein-4b": KLEIN_4B,
+                                     "klein-9b": KLEIN_9B, "dev": DEV}
 REAL_CONFIGS = ("klein-4b", "klein-9b", "dev")
 
 # FLUX.2's shipped scheduler (scheduler/scheduler_config.json). The baseline builds its own scheduler from these

@@ -20,7 +20,7 @@ _COLUMNS = (  # header, width, cell
     ("weights MiB", 11, lambda r: _num(r.weight_bytes, "{:.2f}", 1 / 2**20)),
     ("steps run/skip", 14, lambda r: "-" if r.computed_steps is None else f"{r.computed_steps}/{r.skipped_steps}"),
     ("compile s cold/warm", 19, lambda r: "-" if r.compile_s_cold is None
-     else f"{r.compile_s_cold:.1f}/{r.compile_s_warm:.1f}"),
+     else f"{r.compile_s_cold:.1f}/{_num(r.compile_s_warm, '{:.1f}')}"),
     ("recomp", 6, lambda r: _num(r.recompiles, "{}")),
     ("max|diff|", 9, lambda r: _num(r.max_abs_diff, "{:.3g}")),
     ("rel_l2", 8, lambda r: _num(r.rel_l2, "{:.3g}")),
@@ -42,6 +42,29 @@ def format_table(rows: list[RowResult]) -> str:
     notes = [f"  {r.name}: {r.reason or r.note}" for r in rows if r.reason or r.note]
     if notes:
         lines += ["", "notes:"] + notes
+    return "\n".join(lines)
+
+
+_MARKDOWN = (  # header, cell
+    ("row", lambda r: f"`{r.name}`"),
+    ("status", lambda r: r.status),
+    ("s/step", lambda r: _num(r.sec_per_step, "{:.3f}")),
+    ("s/image", lambda r: _num(r.sec_per_image, "{:.2f}")),
+    ("speedup", lambda r: _num(r.speedup_vs_baseline, "{:.2f}x")),
+    ("peak VRAM GiB", lambda r: _num(r.peak_vram_bytes, "{:.1f}", 1 / 2**30)),
+    ("steps run/skip", lambda r: "-" if r.computed_steps is None else f"{r.computed_steps}/{r.skipped_steps}"),
+    ("compile s", lambda r: _num(r.compile_s_cold, "{:.0f}")),
+    ("recompiles", lambda r: _num(r.recompiles, "{}")),
+    ("rel_l2 vs baseline", lambda r: _num(r.rel_l2, "{:.3g}")),
+    ("PSNR dB", lambda r: "-" if r.psnr is None else ("inf" if math.isinf(r.psnr) else f"{r.psnr:.1f}")),
+    ("note", lambda r: (r.reason or r.note or "").replace("|", "/")),
+)
+
+
+def format_markdown(rows: list[RowResult]) -> str:
+    """The README's table: one markdown row per bench row, failures and their reasons included."""
+    lines = ["| " + " | ".join(h for h, _ in _MARKDOWN) + " |", "|" + " --- |" * len(_MARKDOWN)]
+    lines += ["| " + " | ".join(cell(r) for _, cell in _MARKDOWN) + " |" for r in rows]
     return "\n".join(lines)
 
 

@@ -12,6 +12,7 @@ sees another's precision, adapters, compiled code or cache state.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,7 @@ class RowResult:
     sec_per_image: float | None = None
     speedup_vs_baseline: float | None = None
     peak_mem_bytes: int | None = None
+    peak_vram_bytes: int | None = None  # CUDA only: torch.cuda.max_memory_allocated over the timed runs
     weight_bytes: int | None = None
     computed_steps: int | None = None
     skipped_steps: int | None = None
@@ -75,6 +77,7 @@ class Measured:
     latent: torch.Tensor
     weight_bytes: int | None = None
     peak_mem_bytes: int | None = None
+    peak_vram_bytes: int | None = None
     computed_steps: int | None = None
     skipped_steps: int | None = None
     compile_s_cold: float | None = None
@@ -92,10 +95,37 @@ class BenchContext:
     vae: torch.nn.Module
     warmup: int
     workdir: Path
+    warm_params: Any = None  # the warm-up runs' parameters (fewer steps, same shapes); None: `params`
+    attention_backend: str = "sdpa"  # what every pack row asks for (optim.attention.BACKENDS), attn-* rows aside
+    compile_backend: str = "inductor"  # torch.compile backend of the compiling rows
+    cold_process_compile: bool = True  # the compile row also times a cold compile in a fresh process
+    first_block_residuals: list = field(default_factory=list)  # the baseline's, per step (FirstBlockRecorder)
+    calibrated_threshold: float | None = None  # fixed by the first row that asks (`fbcache_half_threshold`)
+    calibrated_skips: int | None = None  # what it skips on the baseline's trajectory
 
     @property
     def device(self) -> torch.device:
         return self.model.device
+
+    @property
+    def can_calibrate(self) -> bool:
+        return self.calibrated_threshold is not None or len(self.first_block_residuals) >= MIN_CALIBRATION_STEPS
+
+    def fbcache_half_threshold(self) -> float:
+        """A First Block Cache threshold that skips about half the steps on these weights (whatever their per-step
+        change: 0.4-0.8 on random weights, about 0.1 on real FLUX weights): found by replaying the cache's decision,
+        gate included, on the first-block residuals the baseline recorded (`half_skip_threshold`)."""
+        if self.calibrated_threshold is None:
+            if not self.can_calibrate:
+                raise RuntimeError("fbcache-half calibrates from the baseline's first-block residuals, and the "
+                                   f"baseline has not run yet with {MIN_CALIBRATION_STEPS} steps or more")
+            from ..caching import CacheSettings
+
+            threshold, skips = half_skip_threshold(
+                self.first_block_residuals,
+                lambda t: CacheSettings(method="fbcache", threshold=t, min_steps=0).gate)
+            self.calibrated_threshold, self.calibrated_skips = round(threshold, 6), skips
+        return self.calibrated_threshold
 
     def conditioning(self):
         from ..text_encoding import Flux2Conditioning
@@ -125,12 +155,15 @@ class RowRun:
         self.counter: BlockCounter | None = None
         self.note: str | None = None
 
-    def run_once(self) -> torch.Tensor:
+        self.device_peak: int | None = None
+
+    def run_once(self, params=None) -> torch.Tensor:
+        """One run with `params` (None: the bench's); returns the latents."""
         raise NotImplementedError
 
     def warm(self) -> None:
         for _ in range(self.ctx.warmup):
-            self.run_once()
+            self.run_once(self.ctx.warm_params)
 
     def timed(self) -> None:
         if self.counter is not None:
@@ -140,11 +173,13 @@ class RowRun:
         self.times.append(watch.seconds)
         if peak.bytes is not None:
             self.transient = max(self.transient or 0, peak.bytes)
+        if peak.device_peak is not None:
+            self.device_peak = max(self.device_peak or 0, peak.device_peak)
 
     def result(self) -> Measured:
         weights = weight_bytes(self.module)
         m = Measured(self.times, self.latent, weights, None if self.transient is None else weights + self.transient,
-                     stats=_plain(self.stats), note=self.note)
+                     peak_vram_bytes=self.device_peak, stats=_plain(self.stats), note=self.note)
         steps = self.ctx.params.steps
         cache = self.stats.get("cache")
         if cache:
@@ -159,6 +194,72 @@ class RowRun:
     def close(self) -> None:
         if self.counter is not None:
             self.counter.remove()
+
+
+class FirstBlockRecorder:
+    """Keeps, per step, the first block's residual (its output minus its input: the signal First Block Cache
+    compares), subsampled to at most SAMPLE_ELEMENTS values and left on the device until the run ends, so nothing is
+    synchronized during a timed run. `residuals` holds the last run's once it ended (`end_run`)."""
+
+    SAMPLE_ELEMENTS = 1 << 18
+
+    def __init__(self, transformer):
+        self._pending: list[torch.Tensor] = []
+        self.residuals: list[torch.Tensor] = []
+        self._hook = transformer.transformer_blocks[0].register_forward_hook(self._seen, with_kwargs=True)
+
+    def _seen(self, module, args, kwargs, output):
+        before = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        flat = (output[1] - before).flatten()
+        stride = max(1, flat.numel() // self.SAMPLE_ELEMENTS)
+        self._pending.append(flat[::stride].float())
+
+    def end_run(self) -> list[torch.Tensor]:
+        residuals = [r.cpu() for r in self._pending]
+        self._pending = []
+        return residuals
+
+    def remove(self) -> None:
+        self._hook.remove()
+
+
+def relative_change(current: torch.Tensor, previous: torch.Tensor) -> float:
+    """First Block Cache's measure (para-attn): mean |current - previous| / mean |previous|."""
+    return float((current - previous).abs().mean() / previous.abs().mean())
+
+
+def simulate_skips(residuals: list[torch.Tensor], threshold: float, gate) -> int:
+    """Steps First Block Cache would skip on this trajectory at `threshold`: each step compares its residual with the
+    one of the last computed step; `gate` (a caching SkipGate) has the last word, as in the cache."""
+    total, skipped, consecutive, last = len(residuals), 0, 0, None
+    for i, residual in enumerate(residuals):
+        if (last is not None and gate.allows(i, consecutive, total)
+                and relative_change(residual, last) < threshold):
+            skipped, consecutive = skipped + 1, consecutive + 1
+        else:
+            last, consecutive = residual, 0
+    return skipped
+
+
+def half_skip_threshold(residuals: list[torch.Tensor], gate_for) -> tuple[float, int]:
+    """A threshold at which First Block Cache skips about half the steps (within n/8) of the recorded trajectory.
+
+    Candidates lie halfway between two consecutive values of the trajectory's own changes (every step against every
+    earlier one, as the cache may compare them); of those that skip about half, the one in the widest gap, so a
+    slightly different run (fp8 weights, compiled kernels, the trajectory the skipping itself bends) makes the same
+    decisions. gate_for(threshold) -> the cache's SkipGate. Returns (threshold, steps it skips on the trajectory)."""
+    n = len(residuals)
+    values = sorted({relative_change(residuals[i], residuals[j]) for i in range(n) for j in range(i)})
+    if not values:
+        raise RuntimeError("fbcache-half needs a trajectory of 2 steps or more to calibrate from")
+    gaps = [(values[0] / 2, 1.0)] + [((a + b) / 2, (b - a) / (b + a)) for a, b in zip(values, values[1:])]
+    scored = [(t, gap, simulate_skips(residuals, t, gate_for(t))) for t, gap in gaps]
+    near_half = [c for c in scored if abs(c[2] - n / 2) <= max(1.0, n / 8)]
+    if near_half:
+        t, _, skips = max(near_half, key=lambda c: c[1])
+    else:  # the gate allows no such count (few steps): the closest one
+        t, _, skips = min(scored, key=lambda c: (abs(c[2] - n / 2), -c[1]))
+    return t, skips
 
 
 class BlockCounter:
@@ -193,10 +294,22 @@ class BaselineRun(RowRun):
                                            transformer=self.module, is_distilled=True)
         self.pipe.set_progress_bar_config(disable=True)
         self.counter = BlockCounter(self.module)
+        self.recorder = FirstBlockRecorder(self.module)  # what fbcache-half calibrates its threshold from
         self.factor = 2 ** (len(ctx.vae.config.block_out_channels) - 1) * 2
 
-    def run_once(self) -> torch.Tensor:
-        p, last = self.ctx.params, {}
+    def run_once(self, params=None) -> torch.Tensor:
+        latent = self._sample(params or self.ctx.params)
+        residuals = self.recorder.end_run()
+        if len(residuals) >= len(self.ctx.first_block_residuals):  # keep the longest run's
+            self.ctx.first_block_residuals = residuals
+        return latent
+
+    def close(self) -> None:
+        super().close()
+        self.recorder.remove()
+
+    def _sample(self, p) -> torch.Tensor:
+        last = {}
 
         def keep_latents(pipeline, step, timestep, kwargs):
             last["latents"] = kwargs["latents"]
@@ -227,7 +340,8 @@ class PackRun(RowRun):
 
         self.store = ModelStore()
         self.handle = ModelHandle(source=f"<bench {ctx.model.name} seed {ctx.model.seed}>", precision=precision,
-                                  family=ctx.model.family).replace(**handle_fields)
+                                  family=ctx.model.family, attention_backend=ctx.attention_backend
+                                  ).replace(**handle_fields)
         # What ModelStore.transformer does with a loaded file, with the file replaced by the seeded build.
         self.module = self.store.get(self.handle.base_key,
                                      lambda: apply_precision(ctx.model.transformer(), precision))
@@ -236,17 +350,27 @@ class PackRun(RowRun):
         self.conditioning = ctx.conditioning()
         self.counter = BlockCounter(self.module) if count_blocks else None
         self.runs = 0
+        # The cache threshold is fbcache-half's, fixed at the first run after the baseline's first: one after
+        # another, the baseline ran before this row started; interleaved, before this row's first timed run.
+        self.calibrate_cache = False
 
     def handle_for(self, i: int):
         return self.handle
 
-    def run_once(self) -> torch.Tensor:
+    def run_once(self, params=None) -> torch.Tensor:
         from .. import engine
 
+        if self.calibrate_cache and (params is None or self.ctx.can_calibrate):
+            # A warm-up run before the baseline ran in full (interleaved) keeps the placeholder: it only warms.
+            self.calibrate_cache = False
+            self.handle = self.handle.replace(cache=dataclasses.replace(
+                self.handle.cache, threshold=self.ctx.fbcache_half_threshold()))
         handle = self.handle_for(self.runs)
         self.runs += 1
-        result = engine.run(handle, self.vae, self.conditioning, self.ctx.params, store=self.store,
+        result = engine.run(handle, self.vae, self.conditioning, params or self.ctx.params, store=self.store,
                             device=self.ctx.device, decode=False)
+        if handle.offload != "none":  # offloading parks the shared VAE on the CPU: the fidelity decode needs it back
+            self.ctx.vae.to(self.ctx.device)
         self.stats = result.report.stats
         return result.latent
 
@@ -279,15 +403,18 @@ def precision_row(precision: str) -> Callable[[BenchContext], RowRun]:
     return start
 
 
-def cache_row(method: str, threshold: float | None) -> Callable[[BenchContext], RowRun]:
-    """Step caching with `method` at `threshold` (None: the method's default)."""
+def cache_row(method: str, threshold: float | str | None) -> Callable[[BenchContext], RowRun]:
+    """Step caching with `method` at `threshold` (None: the method's default; "half": calibrated from the baseline
+    to skip about half the steps, see `BenchContext.fbcache_half_threshold`)."""
     def start(ctx: BenchContext) -> RowRun:
         from ..caching import DEFAULT_THRESHOLDS, CacheSettings
 
+        value = (DEFAULT_THRESHOLDS[method] if threshold is None
+                 else PLACEHOLDER_THRESHOLD if threshold == "half" else threshold)
         # min_steps=0: a row measures the method at the bench's step count, short runs included.
-        settings = CacheSettings(method=method, threshold=DEFAULT_THRESHOLDS[method] if threshold is None
-                                 else threshold, min_steps=0)
+        settings = CacheSettings(method=method, threshold=value, min_steps=0)
         run = CacheRun(ctx, cache=settings)
+        run.calibrate_cache = threshold == "half"
         if threshold == 0:
             run.note = "threshold 0 switches the cache off: the pack runs every step uncached"
         return run
@@ -306,35 +433,48 @@ class CacheRun(PackRun):
 # ---------------------------------------------------------------- compile
 
 class CompileRun(PackRun):
-    """Regional compile through the compile feature, timed once compiled.
+    """Regional compile through the compile feature, timed once compiled; `handle_fields` add other features (the
+    all-on row).
 
-    `compile_s_cold`: the compile seconds of a fresh process starting from an empty cache folder
+    `compile_s_cold`: with `cold_process`, the compile seconds of a fresh process starting from an empty cache folder
     (`compile_time.fresh_process_compile`), run before this row builds its model, so a real-size model is never
-    resident twice. `compile_s_warm`: this row's own first compile, from the folder that process filled; the bench
-    process has compiled nothing before (dynamo is reset, and no other row compiles), so it pays what a second
-    ComfyUI start pays. `recompiles`: graphs dynamo compiled during the timed runs (0 when the compiled code is
-    reused). The last block is not hooked: a hook would be traced into the compiled graph."""
+    resident twice; `compile_s_warm` is then this row's own first compile, from the folder that process filled (what
+    a second ComfyUI start pays). Without `cold_process` (the device check, where a second process building a
+    32B model costs a minute), `compile_s_cold` is this row's own first compile, from an empty folder, and
+    `compile_s_warm` is null. Either way the bench process has compiled nothing before (dynamo is reset).
+    `recompiles`: graphs dynamo compiled during the timed runs (0 when the compiled code is reused). The last block
+    is not hooked: a hook would be traced into the compiled graph."""
 
-    def __init__(self, ctx: BenchContext):
+    live = 0  # compiling rows built and not yet closed
+
+    def __init__(self, ctx: BenchContext, precision: str = "bf16", cold_process: bool | None = None,
+                 **handle_fields):
         from ..compile import CompileSettings
         from .compile_time import fresh_process_compile
 
         p = ctx.params
-        cache_dir = str(ctx.workdir / "compile-cache")
-        self.cold = fresh_process_compile(ctx.model.name, p.height, p.width, str(ctx.device),
-                                          text_tokens=ctx.prompt_embeds.shape[1], cache_dir=cache_dir)
-        super().__init__(ctx, count_blocks=False, compile=CompileSettings(cache_dir=cache_dir))
+        cache_dir = str(ctx.workdir / f"compile-cache-{id(self)}")
+        self.cold_process = ctx.cold_process_compile if cold_process is None else cold_process
+        self.cold = None
+        if self.cold_process:
+            self.cold = fresh_process_compile(ctx.model.name, p.height, p.width, str(ctx.device),
+                                              text_tokens=ctx.prompt_embeds.shape[1], cache_dir=cache_dir)
+        super().__init__(ctx, precision, count_blocks=False,
+                         compile=CompileSettings(cache_dir=cache_dir, backend=ctx.compile_backend), **handle_fields)
         self.recompiles = 0
         self.warm_stats: dict = {}
         import torch._dynamo
 
-        torch._dynamo.reset()  # this row compiles from nothing, whatever ran before in this process
+        if not CompileRun.live:  # this row compiles from nothing, whatever ran before in this process; but never
+            torch._dynamo.reset()  # wipe the code of a compiling row still to be timed (interleaved rows)
+        CompileRun.live += 1
+        self.closed = False
 
     def warm(self) -> None:
-        self.run_once()  # compiles, from the cold process's cache
+        self.run_once(self.ctx.warm_params)  # compiles (from the cold process's cache, if there was one)
         self.warm_stats = dict(self.stats.get("compile", {}))
         for _ in range(max(0, self.ctx.warmup - 1)):
-            self.run_once()
+            self.run_once(self.ctx.warm_params)
 
     def timed(self) -> None:
         from ..compile import graph_count
@@ -345,11 +485,14 @@ class CompileRun(PackRun):
 
     def result(self) -> Measured:
         m = super().result()
-        m.compile_s_cold, m.compile_s_warm = self.cold["compile_s"], self.warm_stats.get("compile_s")
+        if self.cold is not None:
+            m.compile_s_cold, m.compile_s_warm = self.cold["compile_s"], self.warm_stats.get("compile_s")
+            m.stats["compile_cold_process"] = self.cold
+        else:
+            m.compile_s_cold = self.warm_stats.get("compile_s")
         m.recompiles = self.recompiles
-        m.stats["compile_cold_process"] = self.cold
         m.stats["compile_warm_run"] = self.warm_stats
-        fallback = self.cold["fallback"] or self.warm_stats.get("fallback")
+        fallback = (self.cold or {}).get("fallback") or self.warm_stats.get("fallback")
         if fallback or not self.stats.get("compile", {}).get("compiled", False):
             m.note = f"compile fell back to eager: {fallback or self.stats.get('compile')}"
         return m
@@ -358,7 +501,61 @@ class CompileRun(PackRun):
         import torch._dynamo
 
         super().close()
-        torch._dynamo.reset()  # leave no compiled code behind for the rows after this one
+        if not self.closed:
+            self.closed = True
+            CompileRun.live -= 1
+            if not CompileRun.live:
+                torch._dynamo.reset()  # leave no compiled code behind for the rows after this one
+
+
+def all_on(ctx: BenchContext) -> RowRun:
+    """fp8 matmuls (fp8 storage where the device has none) + regional compile + First Block Cache at the threshold
+    of `fbcache-half`: the features composed, as a user would switch them all on."""
+    from ..caching import CacheSettings
+    from ..precision import fast_fp8_supported
+
+    fast = fast_fp8_supported(ctx.device)
+    run = AllOnRun(ctx, "fp8_e4m3fn_fast" if fast else "fp8_e4m3fn", cold_process=False,
+                   cache=CacheSettings(method="fbcache", threshold=PLACEHOLDER_THRESHOLD, min_steps=0))
+    run.calibrate_cache = True
+    if not fast:
+        run.note = "fp8_e4m3fn (fp8 storage, bf16 matmuls): this device has no fp8 matmuls"
+    return run
+
+
+class AllOnRun(CompileRun):
+    def result(self) -> Measured:
+        m = super().result()
+        m.stats["settings"] = {"precision": self.handle.precision, "cache_threshold": self.handle.cache.threshold,
+                               "compile_backend": self.handle.compile.backend,
+                               "attention_backend": self.handle.attention_backend}
+        return m
+
+
+# ---------------------------------------------------------------- attention backends
+
+def attention_row(choice: str) -> Callable[[BenchContext], RowRun]:
+    """The pack's path with attention_backend `choice`; unavailable where it would fall back to SDPA (it would only
+    repeat pack-bf16). Its deviation is against bare diffusers' SDPA, which pack-bf16 matches bit for bit."""
+    def start(ctx: BenchContext) -> RowRun:
+        from ..attention import resolve
+
+        resolved = resolve(choice, ctx.device, torch.bfloat16)
+        if resolved.fallback:
+            raise Unavailable(resolved.fallback)
+        run = PackRun(ctx, attention_backend=choice)
+        run.note = f"diffusers backend {resolved.backend}; deviation is against SDPA (the baseline)"
+        return run
+    return start
+
+
+def offload_row(precision: str, offload: str) -> Callable[[BenchContext], RowRun]:
+    def start(ctx: BenchContext) -> RowRun:
+        run = PackRun(ctx, precision, offload=offload)
+        if ctx.device.type != "cuda":
+            run.note = f"offload '{offload}' does nothing without a GPU: the weights stay where they are"
+        return run
+    return start
 
 
 # ---------------------------------------------------------------- LoRA
@@ -390,7 +587,7 @@ class LoraRestrengthRun(PackRun):
             self.run_once()  # reads the file and injects the adapter
         self.first_s = watch.seconds
         for _ in range(max(0, self.ctx.warmup - 1)):
-            self.run_once()
+            self.run_once(self.ctx.warm_params)
 
     def timed(self) -> None:
         self.strength_index += 1
@@ -417,6 +614,8 @@ class LoraRestrengthRun(PackRun):
 # switched on but never skipping, and skipping about every other step.
 NO_SKIP_THRESHOLD = 1e-9
 RANDOM_WEIGHTS_SKIP_THRESHOLD = 0.8
+MIN_CALIBRATION_STEPS = 3
+PLACEHOLDER_THRESHOLD = 1.0  # replaced by the calibrated one at the row's first run
 
 
 @dataclass(frozen=True)
@@ -438,11 +637,23 @@ ROWS: tuple[Row, ...] = (
         cache_row("fbcache", NO_SKIP_THRESHOLD)),
     Row("fbcache-skip", f"First Block Cache at {RANDOM_WEIGHTS_SKIP_THRESHOLD}, a threshold that skips steps on "
         "random weights", cache_row("fbcache", RANDOM_WEIGHTS_SKIP_THRESHOLD)),
+    Row("fbcache-half", "First Block Cache at a threshold calibrated from the baseline to skip about half the steps",
+        cache_row("fbcache", "half")),
     Row("teacache", "TeaCache at its default threshold", cache_row("teacache", None)),
     Row("compile", "regional compile (cold and warm compile time)", CompileRun),
     Row("lora-restrength", "re-runs after a LoRA strength change", LoraRestrengthRun),
+    Row("all-on", "fp8 matmuls (fp8 storage without them) + regional compile + First Block Cache at fbcache-half's "
+        "threshold", all_on),
+    # Not in the default run (DEFAULT_ROWS): what only a GPU can show.
+    Row("nf4-offload", "bitsandbytes nf4 weights, model_cpu offload (peak VRAM is the figure)",
+        offload_row("nf4", "model_cpu")),
+    Row("attn-cudnn", "attention_backend cudnn (torch's cuDNN attention)", attention_row("cudnn")),
+    Row("attn-flash", "attention_backend flash (flash-attn 3 on Hopper, else 2)", attention_row("flash")),
+    Row("attn-sage", "attention_backend sage (SageAttention, 8-bit QK)", attention_row("sage")),
 )
 ROW_NAMES = tuple(r.name for r in ROWS)
+GPU_ONLY_ROWS = ("nf4-offload", "attn-cudnn", "attn-flash", "attn-sage")
+DEFAULT_ROWS = tuple(n for n in ROW_NAMES if n not in GPU_ONLY_ROWS)
 
 
 def fidelity(result: RowResult, latent: torch.Tensor, reference_latent: torch.Tensor, image: torch.Tensor,
