@@ -3,7 +3,7 @@
     PYTHONPATH=<dir holding flux2_accel> python scripts/bench_native.py COMFYUI_DIR [--size 256] [--steps 8]
 
 Run it with ComfyUI's Python. It builds ComfyUI's FLUX.2 model from its classes with the bench's `small`
-proportions (2 double + 18 single blocks, random seeded weights; tests/comfy_test_nodes), samples through ComfyUI's
+proportions (2 double + 18 single blocks, random seeded weights; tests/comfyui_test_nodes), samples through ComfyUI's
 own sampler (comfy.sample.sample, euler, one image) and compares, against native plain:
   native plain | + pack cache threshold 0 | + pack cache on, never skipping | + pack cache skipping k of n |
   + ComfyUI EasyCache skipping (as near as its threshold allows) the same k | + pack compile | + compile and cache
@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def setup_comfyui(comfyui_dir: str):
     sys.path.insert(0, str(ROOT / "tests"))
-    sys.path.insert(0, str(ROOT / "tests" / "comfy_test_nodes"))
+    sys.path.insert(0, str(ROOT / "tests" / "comfyui_test_nodes"))
     import comfyui_launcher
 
     if comfyui_launcher.install_stand_in():

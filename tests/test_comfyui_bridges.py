@@ -21,33 +21,13 @@ import pytest
 
 from flux2_accel.optim import tiny
 
-from test_comfyui_real import COMFYUI_DIR, ROOT, _free_port, _get, _post, _run, _write_comfy_lora
+from comfyui_harness import (ROOT, comfyui_base, free_port, get_json, needs_comfyui, post_json, running_comfyui,
+                             stop, wait_until_serving)
+from test_comfyui_real import _run, _write_comfy_lora
 
-pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to run the pack in a real ComfyUI")
+pytestmark = needs_comfyui
 TOKEN = "bridge-tok-93c1d7"
 MEDIUM = tiny.ComponentSpec(num_layers=1, num_single_layers=4, attention_head_dim=64, num_attention_heads=16)
-
-
-def _wait_for(url, proc, log_path, what):
-    deadline = time.time() + 180
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except urllib.error.HTTPError:
-            return  # it answers
-        except (urllib.error.URLError, ConnectionError, OSError):
-            if proc.poll() is not None or time.time() > deadline:
-                pytest.fail(f"{what} did not start:\n{Path(log_path).read_text()[-3000:]}")
-            time.sleep(1)
-
-
-def _stop(proc):
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
 
 
 @pytest.fixture(scope="module")
@@ -55,11 +35,8 @@ def bridged(tiny_models, tmp_path_factory):
     import torch
     from safetensors.torch import save_file
 
-    base = tmp_path_factory.mktemp("comfy_bridges")
-    (base / "custom_nodes").mkdir()
-    os.symlink(ROOT, base / "custom_nodes" / "flux2-accel")
-    os.symlink(ROOT / "tests" / "comfyui_test_nodes" / "flux2_accel_test_nodes",
-               base / "custom_nodes" / "flux2_accel_test_nodes")
+    base = comfyui_base(tmp_path_factory, "comfy_bridges",
+                        (ROOT / "tests" / "comfyui_test_nodes" / "flux2_accel_test_nodes",))
     models = base / "models"
     for folder, label, name in (("diffusion_models", "dev_comfy", "tiny_flux2_dev.safetensors"),
                                 ("vae", "vae_ldm", "tiny_flux2_vae.safetensors"),
@@ -76,38 +53,31 @@ def bridged(tiny_models, tmp_path_factory):
               str(models / "diffusion_models" / "medium_flux2_dev.safetensors"))
     del medium
     python = os.environ.get("COMFYUI_PYTHON", sys.executable)
-    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "FLUX2_ACCEL_REMOTE_TOKEN": TOKEN,
+    # The token lives only in ComfyUI's environment; the loopback text-encoder server is a host it is bound to.
+    env = {"FLUX2_ACCEL_REMOTE_TOKEN": TOKEN, "FLUX2_ACCEL_REMOTE_HOSTS": "127.0.0.1",
            "FLUX2_ACCEL_EMBEDDING_CACHE_DIR": str(base / "embeddings")}
-    te_port, port = _free_port(), _free_port()
-    te_log = open(base / "text_encoder.log", "w")
-    te = subprocess.Popen(
-        [python, "-c", "import sys; from flux2_accel.optim import cli; sys.exit(cli.main(sys.argv[1:]))",
-         "serve-text-encoder", "--text-encoder", str(tiny_models.files["mistral_comfy"]), "--device", "cpu",
-         "--host", "127.0.0.1", "--port", str(te_port)],
-        stdout=te_log, stderr=subprocess.STDOUT, env={**env, "PYTHONPATH": os.environ.get("PYTHONPATH", "")})
-    log_path = base / "comfyui.log"
-    log = open(log_path, "w")
-    proc = subprocess.Popen(
-        [python, "-u", str(ROOT / "tests" / "comfyui_launcher.py"), COMFYUI_DIR, "--cpu", "--listen", "127.0.0.1",
-         "--port", str(port), "--base-directory", str(base), "--database-url", "sqlite:///:memory:",
-         "--disable-api-nodes"],
-        cwd=COMFYUI_DIR, stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_for(url + "/system_stats", proc, log_path, "ComfyUI")
-        _wait_for(f"http://127.0.0.1:{te_port}/", te, base / "text_encoder.log", "the text encoder server")
-        yield url, base, log_path, f"http://127.0.0.1:{te_port}/predict", proc.pid
-    finally:
-        _stop(proc), _stop(te)
-        log.close(), te_log.close()
+    te_port = free_port()
+    with open(base / "text_encoder.log", "w") as te_log:
+        te = subprocess.Popen(
+            [python, "-c", "import sys; from flux2_accel.optim import cli; sys.exit(cli.main(sys.argv[1:]))",
+             "serve-text-encoder", "--text-encoder", str(tiny_models.files["mistral_comfy"]), "--device", "cpu",
+             "--host", "127.0.0.1", "--port", str(te_port)],
+            stdout=te_log, stderr=subprocess.STDOUT, env={**os.environ, **env})
+        try:
+            with running_comfyui(base, env=env) as (url, log_path, proc):
+                wait_until_serving(f"http://127.0.0.1:{te_port}/", te, base / "text_encoder.log",
+                                   "the text encoder server")
+                yield url, base, log_path, f"http://127.0.0.1:{te_port}/predict", proc.pid
+        finally:
+            stop(te)
 
 
 def _queue_error(url, log_path, graph, timeout=240) -> dict:
     """Queue `graph`; it must fail at run time. Returns the execution_error message of its history."""
-    prompt_id = _post(url + "/prompt", {"prompt": graph, "client_id": "flux2-accel-test"})["prompt_id"]
+    prompt_id = post_json(url + "/prompt", {"prompt": graph, "client_id": "flux2-accel-test"})["prompt_id"]
     deadline = time.time() + timeout
     while time.time() < deadline:
-        history = _get(url + f"/history/{prompt_id}")
+        history = get_json(url + f"/history/{prompt_id}")
         if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
             break
         time.sleep(1)

@@ -1,7 +1,7 @@
 """The native-MODEL nodes (step cache, regional compile) on ComfyUI's own FLUX.2 model, in a real ComfyUI over HTTP.
 
 Runs when COMFYUI_DIR points at a ComfyUI checkout (COMFYUI_PYTHON: its interpreter). ComfyUI 0.8 cannot detect a
-small FLUX.2 file, so a TEST-ONLY custom node folder (tests/comfy_test_nodes, linked into this ComfyUI's
+small FLUX.2 file, so a TEST-ONLY custom node folder (tests/comfyui_test_nodes, linked into this ComfyUI's
 custom_nodes by the fixture, never part of the pack) builds ComfyUI's Flux2 model from its classes with seeded
 random weights, and a text CONDITIONING of the right width. Sampling: ComfyUI's KSampler and
 SamplerCustomAdvanced; latents saved with SaveLatent and compared here.
@@ -11,42 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
-import socket
 import struct
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-TEST_NODES = ROOT / "tests" / "comfy_test_nodes" / "flux2_accel_native_test_nodes"
-COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
-pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to run the pack in a real ComfyUI")
+from comfyui_harness import ROOT, comfyui_base, get_json, needs_comfyui, running_comfyui
+
+TEST_NODES = ROOT / "tests" / "comfyui_test_nodes" / "flux2_accel_native_test_nodes"
+pytestmark = needs_comfyui
 TEXT_EVENT = 3  # ComfyUI's BinaryEventTypes.TEXT (progress text shown on a node)
 HIDDEN = 64  # FLUX2_TINY in the test nodes
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def get_json(url, timeout=10):
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        return json.loads(r.read())
-
-
-def post_json(url, payload):
-    req = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return json.loads(r.read())
 
 
 def write_native_lora(path: Path) -> None:
@@ -72,42 +49,13 @@ def write_native_lora(path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def comfyui(tmp_path_factory):
-    base = tmp_path_factory.mktemp("comfy_native")
-    (base / "custom_nodes").mkdir()
-    os.symlink(ROOT, base / "custom_nodes" / "flux2-accel")
-    os.symlink(TEST_NODES, base / "custom_nodes" / TEST_NODES.name)
+    base = comfyui_base(tmp_path_factory, "comfy_native", (TEST_NODES,))
     (base / "models" / "loras").mkdir(parents=True)
     write_native_lora(base / "models" / "loras" / "tiny_native_style.safetensors")
-    port = free_port()
-    log_path = base / "comfyui.log"
-    log = open(log_path, "w")
-    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
     # pytorch attention: ComfyUI's CPU default (sub-quadratic) asks for free memory inside the blocks, which no
     # compile can trace; on GPUs ComfyUI uses pytorch attention anyway.
-    proc = subprocess.Popen(
-        [python, "-u", str(ROOT / "tests" / "comfyui_launcher.py"), COMFYUI_DIR, "--cpu", "--listen", "127.0.0.1",
-         "--port", str(port), "--base-directory", str(base), "--database-url", "sqlite:///:memory:",
-         "--disable-api-nodes", "--use-pytorch-cross-attention"],
-        cwd=COMFYUI_DIR, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                get_json(url + "/system_stats", timeout=2)
-                break
-            except (urllib.error.URLError, ConnectionError, OSError):
-                if proc.poll() is not None or time.time() > deadline:
-                    pytest.fail(f"ComfyUI did not start:\n{log_path.read_text()[-3000:]}")
-                time.sleep(1)
+    with running_comfyui(base, extra_args=("--use-pytorch-cross-attention",)) as (url, log_path, _):
         yield url, base, log_path
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 def run_prompt(url, log_path, graph, timeout=300, expect_success=True) -> tuple[dict, list]:

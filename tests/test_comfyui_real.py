@@ -8,38 +8,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from flux2_accel import NODE_CLASS_MAPPINGS
 
-ROOT = Path(__file__).resolve().parents[1]
-COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
-pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to run the pack in a real ComfyUI")
+from comfyui_harness import COMFYUI_DIR, ROOT, comfyui_base, get_json, needs_comfyui, post_json, running_comfyui
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get(url, timeout=10):
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        return json.loads(r.read())
-
-
-def _post(url, payload):
-    req = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return json.loads(r.read())
+pytestmark = needs_comfyui
 
 
 def _write_comfy_lora(transformer_file: Path, path: Path, rank: int = 2, seed: int = 5) -> None:
@@ -137,9 +115,7 @@ def _write_bad_model_files(models: Path) -> None:
 
 @pytest.fixture(scope="module")
 def comfyui(tiny_models, tmp_path_factory):
-    base = tmp_path_factory.mktemp("comfy_base")
-    (base / "custom_nodes").mkdir()
-    os.symlink(ROOT, base / "custom_nodes" / "flux2-accel")
+    base = comfyui_base(tmp_path_factory, "comfy_base")
     models = base / "models"
     for folder, label, name in (("diffusion_models", "dev_comfy", "tiny_flux2_dev.safetensors"),
                                 ("vae", "vae_ldm", "tiny_flux2_vae.safetensors"),
@@ -161,40 +137,14 @@ def comfyui(tiny_models, tmp_path_factory):
     os.symlink(tiny_models.files["dev_folder"], models / "diffusers" / "tiny_dev_linked", target_is_directory=True)
     os.symlink(tiny_models.files["dev_bfl"], models / "diffusion_models" / "tiny_dev_linked.safetensors")
     _write_bad_model_files(models)
-    port = _free_port()
-    log_path = base / "comfyui.log"
-    log = open(log_path, "w")
-    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
-    proc = subprocess.Popen(
-        [python, "-u", str(ROOT / "tests" / "comfyui_launcher.py"), COMFYUI_DIR, "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory",
-         str(base), "--database-url", "sqlite:///:memory:", "--disable-api-nodes"],
-        cwd=COMFYUI_DIR, stdout=log, stderr=subprocess.STDOUT,
-        env={**os.environ, **_remote_env(), "PYTHONDONTWRITEBYTECODE": "1"})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                _get(url + "/system_stats", timeout=2)
-                break
-            except (urllib.error.URLError, ConnectionError, OSError):
-                if proc.poll() is not None or time.time() > deadline:
-                    pytest.fail(f"ComfyUI did not start:\n{log_path.read_text()[-3000:]}")
-                time.sleep(1)
+    with running_comfyui(base, env=_remote_env()) as (url, log_path, proc):
         (base / "comfyui.pid").write_text(str(proc.pid))
         yield url, base, log_path
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 def test_object_info_lists_our_nodes(comfyui):
     url, _, log_path = comfyui
-    info = _get(url + "/object_info", timeout=60)
+    info = get_json(url + "/object_info", timeout=60)
     missing = set(NODE_CLASS_MAPPINGS) - set(info)
     assert not missing, f"missing {missing}; log:\n{log_path.read_text()[-3000:]}"
     choices = info["Flux2AccelLoadDiffusionModel"]["input"]["required"]["model_name"][0]
@@ -205,7 +155,7 @@ def test_object_info_lists_our_nodes(comfyui):
 
 def test_example_workflows_are_served(comfyui):
     url, _, _ = comfyui
-    templates = _get(url + "/workflow_templates").get("flux2-accel", [])
+    templates = get_json(url + "/workflow_templates").get("flux2-accel", [])
     shipped = {p.stem for p in (ROOT / "example_workflows").glob("*.json")}
     assert {"flux2_t2i", "flux2_t2i_fast"} | FEATURE_WORKFLOWS <= shipped
     assert shipped <= set(templates)
@@ -228,10 +178,10 @@ def _run(url, log_path, graph, timeout=240, extra_data=None, expect_success=True
     """Queue `graph` over HTTP, wait for it, and return its history entry (it must have succeeded, unless
     `expect_success` is False)."""
     payload = {"prompt": graph, "client_id": "flux2-accel-test", **({"extra_data": extra_data} if extra_data else {})}
-    prompt_id = _post(url + "/prompt", payload)["prompt_id"]
+    prompt_id = post_json(url + "/prompt", payload)["prompt_id"]
     deadline = time.time() + timeout
     while time.time() < deadline:
-        history = _get(url + f"/history/{prompt_id}")
+        history = get_json(url + f"/history/{prompt_id}")
         if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
             break
         time.sleep(1)
@@ -322,7 +272,7 @@ def test_symlinked_model_folder_and_file_load(comfyui):
     """A diffusers folder and a single file that are symlinks into a store outside ComfyUI's folders are listed and
     load (the user placed the links); both hold the same weights as the copied file, so the images match it."""
     url, base, log_path = comfyui
-    info = _get(url + "/object_info/Flux2AccelLoadDiffusionModel")
+    info = get_json(url + "/object_info/Flux2AccelLoadDiffusionModel")
     choices = info["Flux2AccelLoadDiffusionModel"]["input"]["required"]["model_name"][0]
     assert "[diffusers] tiny_dev_linked" in choices and "tiny_dev_linked.safetensors" in choices
     images = {}
