@@ -18,7 +18,6 @@ then never changes.
 from __future__ import annotations
 
 import logging
-import weakref
 
 from ..optim.compile import DYNAMIC, MODES, CompileSettings, compiled_run, compiled_set_for, configure_caches_safely
 from . import comfy_patching, node_messages
@@ -31,7 +30,6 @@ CONFIG_KEY = "flux2_accel_compile_config"
 WRAPPER_KEY = "flux2_accel_compile"
 
 # Compiled sets per diffusion-model module (weak: a model ComfyUI unloads takes its compiled code with it).
-_SLOTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 class _Report:
@@ -59,8 +57,8 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     settings, node_id = config
     diffusion_model = guider.model_patcher.model.diffusion_model
     configure_caches_safely(settings.cache_dir)
-    slot = _SLOTS.setdefault(diffusion_model, {})
-    compiled = compiled_set_for(slot, diffusion_model, settings, "FLUX.2 blocks (native MODEL)",
+    # Kept with the diffusion model itself (no pack store holds ComfyUI's models): every clone shares it.
+    compiled = compiled_set_for(None, None, diffusion_model, settings, "FLUX.2 blocks (native MODEL)",
                                 lambda: blocks_of(diffusion_model))
     prepare_blocks(diffusion_model)
     report = _Report()

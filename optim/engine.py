@@ -50,7 +50,7 @@ def format_stats(stats: dict) -> list[str]:
     for name, values in stats.items():
         if isinstance(values, dict):
             body = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()
-                             if not isinstance(v, dict))  # nested data (the cache timeline) is not for text
+                             if k != TIMELINE_KEY)  # the cache's per-call decisions go to the frontend's strip
         else:
             body = str(values)
         lines.append(f"{name}: {body}")
