@@ -93,8 +93,17 @@ class ComfyNativeFlux2(NativeFlux2):
 
 
 def released() -> None:
-    """ComfyUI unloaded a pack model: drop the pack's own references, so freeing ComfyUI's cache frees the weights."""
-    _MANAGED.clear()
+    """ComfyUI unloaded a pack model: drop the pack's own references to its weights, so the memory is freed.
+
+    This runs inside ComfyUI's unloading loop (an ON_DETACH callback), so the ComfyUI-side objects stay alive:
+    dropping the last reference to a patcher here would run ComfyUI's own clean-up (a weakref finalizer that edits
+    its list of loaded models) while that loop walks the list, which kills ComfyUI's prompt worker. The patchers
+    that only register the pack sampler's transformer with ComfyUI (`load_for_sampling`) let go of it, and are
+    replaced at their next run. A MODEL from Model to ComfyUI keeps its transformer: ComfyUI also detaches a model
+    it is about to patch and run again, and frees it with the MODEL itself."""
+    log.info("flux2-accel: ComfyUI unloaded a pack model; releasing the pack's %d loaded models", len(STORE))
+    for managed in _MANAGED.values():
+        managed.model.diffusion_model.transformer = None
     STORE.clear()
     comfy_services.memory_released()
 

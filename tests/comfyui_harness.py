@@ -48,6 +48,8 @@ def wait_until_serving(url: str, proc: subprocess.Popen, log_path: Path, what: s
         try:
             get_json(url, timeout=2)
             return
+        except urllib.error.HTTPError:  # it answered: serving, even if not this path
+            return
         except (urllib.error.URLError, ConnectionError, OSError):
             if proc.poll() is not None or time.time() > deadline:
                 pytest.fail(f"{what} did not start:\n{Path(log_path).read_text()[-3000:]}")
