@@ -92,25 +92,27 @@ class ComfyNativeFlux2(NativeFlux2):
         ).execute(x, timestep, context, y, guidance, ref_latents, control, transformer_options, **kwargs)
 
 
-def released() -> None:
+def released(patcher=None) -> None:
     """ComfyUI unloaded a pack model: drop the pack's own references to its weights, so the memory is freed.
 
     This runs inside ComfyUI's unloading loop (an ON_DETACH callback), so the ComfyUI-side objects stay alive:
     dropping the last reference to a patcher here would run ComfyUI's own clean-up (a weakref finalizer that edits
-    its list of loaded models) while that loop walks the list, which kills ComfyUI's prompt worker. The patchers
-    that only register the pack sampler's transformer with ComfyUI (`load_for_sampling`) let go of it, and are
-    replaced at their next run. A MODEL from Model to ComfyUI keeps its transformer: ComfyUI also detaches a model
-    it is about to patch and run again, and frees it with the MODEL itself."""
+    its list of loaded models) while that loop walks the list, which kills ComfyUI's prompt worker. Patchers let go
+    of their transformer instead (the pack sampler's registrations are replaced at their next run; a MODEL from
+    Model to ComfyUI loads its base again at its next run, `_seat`), except a MODEL in the middle of a run: ComfyUI
+    also detaches a model it is about to patch and run again."""
     log.info("flux2-accel: ComfyUI unloaded a pack model; releasing the pack's %d loaded models", len(STORE))
-    for managed in _MANAGED.values():
-        managed.model.diffusion_model.transformer = None
+    for managed in (*_MANAGED.values(), *(() if patcher is None else (patcher,))):
+        module = managed.model.diffusion_model
+        if not getattr(module, "running", False):
+            module.transformer = None
     STORE.clear()
     comfy_services.memory_released()
 
 
 def _on_detach(patcher, unpatch_all) -> None:
     try:
-        released()
+        released(patcher)
     except Exception:  # never break ComfyUI's own unloading
         log.exception("flux2-accel: releasing models failed")
 
@@ -119,6 +121,9 @@ def _seat(handle, module) -> None:
     """Make the store hold this module's transformer again after a release, features reset, so the run's
     features (LoRA, compile, step cache) are applied to the weights ComfyUI manages."""
     transformer = module.transformer
+    if transformer is None:  # ComfyUI unloaded it: the base loads again
+        module.transformer = STORE.transformer(handle)
+        return
 
     def adopt():
         peft = getattr(transformer, "peft_config", None)
@@ -137,18 +142,22 @@ def _outer_sample(handle):
         noise, sigmas = args[0], args[3]
         module = guider.model_patcher.model.diffusion_model
         _seat(handle, module)
-        params = SamplingParams(width=int(noise.shape[-1]) * 16, height=int(noise.shape[-2]) * 16,
-                                steps=max(1, int(sigmas.shape[-1]) - 1), seed=int(kwargs.get("seed") or 0),
-                                batch_size=int(noise.shape[0]))
-        report = RunReport(params=params)
-        with STORE.prepared(handle, report) as live:
-            if live is not module.transformer:
-                module.transformer = live
-            try:
-                return executor(*args, **kwargs)
-            finally:
-                for name, values in report.stats.items():
-                    log.info("flux2-accel %s: %s", name, values)
+        module.running = True  # a detach during the run (ComfyUI re-patching) must not take its weights
+        try:
+            params = SamplingParams(width=int(noise.shape[-1]) * 16, height=int(noise.shape[-2]) * 16,
+                                    steps=max(1, int(sigmas.shape[-1]) - 1), seed=int(kwargs.get("seed") or 0),
+                                    batch_size=int(noise.shape[0]))
+            report = RunReport(params=params)
+            with STORE.prepared(handle, report) as live:
+                if live is not module.transformer:
+                    module.transformer = live
+                try:
+                    return executor(*args, **kwargs)
+                finally:
+                    for name, values in report.stats.items():
+                        log.info("flux2-accel %s: %s", name, values)
+        finally:
+            module.running = False
     return wrapper
 
 

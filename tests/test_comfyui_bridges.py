@@ -266,3 +266,21 @@ def test_free_releases_the_pack_model(bridged, path):
     # loop), and the model loads again on the same path
     again = _native_graph() if path == "bridge" else _pack_sampler_graph()
     assert _png(base, _run(url, log_path, again)).size == (64, 48)
+
+
+def test_a_bridged_model_unloaded_between_runs_loads_again(bridged):
+    """ComfyUI unloads the bridged model (POST /free with unload_models only: its node outputs stay cached, as when
+    ComfyUI makes room for another model); the same MODEL output then runs again, loading its base anew, and
+    gives the same image as before the unload."""
+    url, base, log_path, _, _ = bridged
+    graph = _native_graph()
+    graph["7"]["inputs"]["seed"] = 21
+    before = _png(base, _run(url, log_path, graph)).tobytes()
+    request = urllib.request.Request(url + "/free", data=json.dumps({"unload_models": True}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as reply:
+        assert reply.status == 200
+    graph["7"]["inputs"]["seed"] = 22  # only the sampler runs again; the bridge's MODEL comes from the cache
+    _run(url, log_path, graph)
+    graph["7"]["inputs"]["seed"] = 21
+    assert _png(base, _run(url, log_path, graph)).tobytes() == before
