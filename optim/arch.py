@@ -99,13 +99,18 @@ def vae_config(shapes: dict[str, tuple], name: str = "checkpoint") -> dict:
     )
 
 
+def text_encoder_widths(shapes: dict[str, tuple]) -> tuple[int, int, int, int, int]:
+    """(vocabulary, hidden, q out, k/v out, MLP intermediate) of a text-only Mistral/Qwen3 layout from its tensor
+    shapes; KeyError names the first tensor that is missing."""
+    vocab, hidden = shapes["embed_tokens.weight"]
+    return (vocab, hidden, shapes["layers.0.self_attn.q_proj.weight"][0], shapes["layers.0.self_attn.k_proj.weight"][0],
+            shapes["layers.0.mlp.gate_proj.weight"][0])
+
+
 def text_encoder_config(shapes: dict[str, tuple], family: str, name: str = "checkpoint") -> tuple[dict, tuple]:
     """(transformers config kwargs, hidden-state layers FLUX.2 reads) from text-only keys (`layers.N...`)."""
     try:
-        vocab, hidden = shapes["embed_tokens.weight"]
-        q_out = shapes["layers.0.self_attn.q_proj.weight"][0]
-        kv_out = shapes["layers.0.self_attn.k_proj.weight"][0]
-        intermediate = shapes["layers.0.mlp.gate_proj.weight"][0]
+        vocab, hidden, q_out, kv_out, intermediate = text_encoder_widths(shapes)
     except KeyError as e:
         raise ModelFileError(f"'{name}' lacks tensor {e} that a Mistral/Qwen3 text encoder has.") from None
     layers = count_blocks(shapes.keys(), r"layers\.(\d+)\.", name)
@@ -192,10 +197,7 @@ def _config_expectations(component: str, config: dict, shapes: dict, where: str)
             yield "norm_num_groups", groups, f"a divisor of every block's channels {w['block_out_channels']}"
     else:
         try:
-            vocab, hidden = shapes["embed_tokens.weight"]
-            q_out = shapes["layers.0.self_attn.q_proj.weight"][0]
-            kv_out = shapes["layers.0.self_attn.k_proj.weight"][0]
-            intermediate = shapes["layers.0.mlp.gate_proj.weight"][0]
+            vocab, hidden, q_out, kv_out, intermediate = text_encoder_widths(shapes)
         except KeyError as e:
             raise ModelFileError(f"The weights next to '{where}' lack tensor {e} that a Mistral/Qwen3 text encoder "
                                  "has; the folder is incomplete or of another model.") from None

@@ -40,12 +40,17 @@ def size(args) -> tuple[int, int]:
 
 
 def device(args) -> torch.device:
+    return torch_device(args.device)
+
+
+def torch_device(name: str) -> torch.device:
+    """The `--device` value as a torch device this torch can use, or an InputError naming it."""
     try:
-        dev = torch.device(args.device)
+        dev = torch.device(name)
     except RuntimeError as e:
-        raise InputError(f"--device '{args.device}' is not a torch device ({e}).") from None
+        raise InputError(f"--device '{name}' is not a torch device ({e}).") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {args.device}: this torch has no CUDA device; use --device cpu.")
+        raise InputError(f"--device {name}: this torch has no CUDA device; use --device cpu.")
     return dev
 
 

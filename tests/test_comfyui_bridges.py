@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ from flux2_accel.optim import tiny
 
 from comfyui_harness import (ROOT, comfyui_base, free_port, get_json, needs_comfyui, post_json, running_comfyui,
                              stop, wait_until_serving)
-from test_comfyui_real import _run, _write_comfy_lora
+from test_comfyui_real import _run, _write_comfy_lora, place_tiny_dev_models
 
 pytestmark = needs_comfyui
 TOKEN = "bridge-tok-93c1d7"
@@ -38,13 +37,7 @@ def bridged(tiny_models, tmp_path_factory):
     base = comfyui_base(tmp_path_factory, "comfy_bridges",
                         (ROOT / "tests" / "comfyui_test_nodes" / "flux2_accel_test_nodes",))
     models = base / "models"
-    for folder, label, name in (("diffusion_models", "dev_comfy", "tiny_flux2_dev.safetensors"),
-                                ("vae", "vae_ldm", "tiny_flux2_vae.safetensors"),
-                                ("text_encoders", "mistral_comfy", "tiny_mistral.safetensors")):
-        (models / folder).mkdir(parents=True, exist_ok=True)
-        shutil.copy(tiny_models.files[label], models / folder / name)
-    shutil.copytree(tiny_models.root / "text_encoders" / "mistral_comfy_tokenizer",
-                    models / "text_encoders" / "tiny_mistral_tokenizer")
+    place_tiny_dev_models(models, tiny_models)
     (models / "loras").mkdir()
     _write_comfy_lora(tiny_models.files["dev_comfy"], models / "loras" / "tiny_style.safetensors")
     # big enough (~190 MB in bf16) that freeing it shows in the process's resident memory

@@ -113,10 +113,9 @@ def _write_bad_model_files(models: Path) -> None:
     (models / "vae" / BAD_MODEL_FILES["vae_name"][1]).write_bytes(good_vae[: len(good_vae) // 2])
 
 
-@pytest.fixture(scope="module")
-def comfyui(tiny_models, tmp_path_factory):
-    base = comfyui_base(tmp_path_factory, "comfy_base")
-    models = base / "models"
+def place_tiny_dev_models(models: Path, tiny_models) -> None:
+    """The tiny [dev] transformer, VAE and Mistral encoder (with its tokenizer folder) in ComfyUI's model folders,
+    under the names the tests' graphs use."""
     for folder, label, name in (("diffusion_models", "dev_comfy", "tiny_flux2_dev.safetensors"),
                                 ("vae", "vae_ldm", "tiny_flux2_vae.safetensors"),
                                 ("text_encoders", "mistral_comfy", "tiny_mistral.safetensors")):
@@ -124,6 +123,13 @@ def comfyui(tiny_models, tmp_path_factory):
         shutil.copy(tiny_models.files[label], models / folder / name)
     shutil.copytree(tiny_models.root / "text_encoders" / "mistral_comfy_tokenizer",
                     models / "text_encoders" / "tiny_mistral_tokenizer")
+
+
+@pytest.fixture(scope="module")
+def comfyui(tiny_models, tmp_path_factory):
+    base = comfyui_base(tmp_path_factory, "comfy_base")
+    models = base / "models"
+    place_tiny_dev_models(models, tiny_models)
     # [klein]: its transformer, and its Qwen3 encoder sized for the Qwen tokenizer ComfyUI ships.
     shutil.copy(tiny_models.files["klein_comfy"], models / "diffusion_models" / "tiny_flux2_klein.safetensors")
     _write_qwen3_for_comfy_tokenizer(tiny_models.files["qwen_comfy"],

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..cli_args import torch_device
 from ..errors import InputError
 from .models import CONFIGS, REAL_CONFIGS, BenchModel
 from .rows import (DEFAULT_ROWS, ERROR, OK, ROW_NAMES, ROWS, UNAVAILABLE, BenchContext, RowResult, Unavailable,
@@ -70,12 +71,7 @@ class BenchOptions:
                 raise InputError(f"--{name} is {getattr(self, name)}: it must be at least {low}.")
         if self.text_tokens is not None and self.text_tokens < 1:
             raise InputError(f"--text-tokens is {self.text_tokens}: it must be at least 1.")
-        try:
-            device = torch.device(self.device)
-        except RuntimeError as e:
-            raise InputError(f"--device '{self.device}' is not a torch device ({e}).") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise InputError(f"--device {self.device}: this torch has no CUDA device; use --device cpu.")
+        torch_device(self.device)
 
     @property
     def interleaved(self) -> bool:
