@@ -78,13 +78,30 @@ def clone_model_options(model_options: dict) -> dict:
     return _model_patcher.create_model_options_clone(model_options)
 
 
+def _transformer_options_position(args, kwargs):
+    """Where a DIFFUSION_MODEL wrapper call carries transformer_options: the keyword, or the forward's last
+    positional dict (Flux.forward(x, timestep, context, y, guidance, ref_latents, control, transformer_options,
+    **kwargs)); None when it carries none."""
+    if isinstance(kwargs.get("transformer_options"), dict):
+        return "transformer_options"
+    for index in range(len(args) - 1, -1, -1):
+        if isinstance(args[index], dict):
+            return index
+    return None
+
+
 def wrapper_transformer_options(args, kwargs) -> dict:
-    """The transformer_options of a DIFFUSION_MODEL wrapper call: the forward's last positional argument or keyword
-    (Flux.forward(x, timestep, context, y, guidance, ref_latents, control, transformer_options, **kwargs))."""
-    options = kwargs.get("transformer_options")
-    if isinstance(options, dict):
-        return options
-    for value in reversed(args):
-        if isinstance(value, dict):
-            return value
-    return {}
+    """The transformer_options of a DIFFUSION_MODEL wrapper call ({} when it carries none)."""
+    position = _transformer_options_position(args, kwargs)
+    if position is None:
+        return {}
+    return kwargs[position] if isinstance(position, str) else args[position]
+
+
+def with_transformer_options(args, kwargs, options: dict):
+    """The wrapper call's (args, kwargs) with `options` as its transformer_options (where it had none: as the
+    keyword)."""
+    position = _transformer_options_position(args, kwargs)
+    if isinstance(position, int):
+        return (*args[:position], options, *args[position + 1:]), kwargs
+    return args, {**kwargs, "transformer_options": options}

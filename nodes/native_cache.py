@@ -2,12 +2,13 @@
 
 The decision, its statistics and the block-layout adapter are the engine's (optim/caching/bfl_layout.py); this
 module only installs them through ComfyUI's patcher (nodes/comfy_patching.py):
-- block replacements for every double and single block (patches_replace["dit"]), which find the run's state in
-  transformer_options and run the blocks unchanged when there is none;
+- block replacements for the first double and the last single block (patches_replace["dit"]), which find the
+  run's state in transformer_options and run the blocks unchanged when there is none;
 - an OUTER_SAMPLE wrapper that creates fresh state for each sampling run in a clone of the guider's model_options
   and, in `finally`, logs the statistics, shows them on this node and drops the state (like ComfyUI's EasyCache);
 - a DIFFUSION_MODEL wrapper that tells the state which CFG branches (transformer_options["cond_or_uncond"]) each
-  model call carries and times the call.
+  model call carries, hands the forward a copy of the block-replacement table that a skipped call can let the blocks
+  between through with, and times the call.
 """
 
 from __future__ import annotations
@@ -79,7 +80,11 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
     if cache is None:
         return executor(*args, **kwargs)
     x = args[0] if args else kwargs["x"]
-    with cache.model_call(options.get("cond_or_uncond"), x.shape[0], x.device):
+    # This call's own block-replacement table, so that a skipped call can let the blocks between through
+    block_table = dict(options.get("patches_replace", {}).get("dit", {}))
+    call_options = {**options, "patches_replace": {**options.get("patches_replace", {}), "dit": block_table}}
+    args, kwargs = comfy_patching.with_transformer_options(args, kwargs, call_options)
+    with cache.model_call(options.get("cond_or_uncond"), x.shape[0], x.device, block_table):
         return executor(*args, **kwargs)
 
 

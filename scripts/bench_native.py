@@ -7,7 +7,8 @@ proportions (2 double + 18 single blocks, random seeded weights; tests/comfyui_t
 own sampler (comfy.sample.sample, euler, one image) and compares, against native plain:
   native plain | + pack cache threshold 0 | + pack cache on, never skipping | + pack cache skipping k of n |
   + ComfyUI EasyCache skipping (as near as its threshold allows) the same k | + pack compile | + compile and cache
-Time per image (median of --repeats after one warm-up run) and deviation (rel L2 of the latent vs native plain),
+Time per image (median of --repeats rounds after one warm-up run each; each round runs every configuration once in
+turn, so the machine's slow spells fall on all rows alike) and deviation (rel L2 of the latent vs native plain),
 then the recompile check: compile + cache with a native LoRA through strength changes, removal, LoRA after the
 compile node, new seed, new step count and new cache threshold, counting dynamo graphs after the first run.
 Prints a markdown table.
@@ -99,18 +100,21 @@ def main(argv=None) -> int:
             return comfy.sample.sample(model, noise, steps, 1.0, "euler", "simple", positive, positive, latent,
                                        seed=seed, disable_pbar=True)
 
-    def timed(model, repeats=args.repeats):
-        out = sample(model)  # warm-up (and compile)
-        times = []
-        for _ in range(repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            out = sample(model)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-        return out, statistics.median(times)
+    def timed_side_by_side(models):
+        """Time per image of each model: one warm-up run each (compiles), then --repeats rounds that run every
+        model once in turn, so a slow spell of the machine falls on all rows alike; the median per model."""
+        outputs = [sample(model) for model in models]
+        times = [[] for _ in models]
+        for _ in range(args.repeats):
+            for i, model in enumerate(models):
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                outputs[i] = sample(model)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times[i].append(time.perf_counter() - start)
+        return [(out, statistics.median(t)) for out, t in zip(outputs, times)]
 
     def skipped_by(model_with_cache):
         seen = []
@@ -132,22 +136,17 @@ def main(argv=None) -> int:
         sample(easycache(threshold))
         return counter.last
 
-    rows = []
-    plain, t_plain = timed(base)
-    rows.append(("native plain", 0, t_plain, plain))
-    off = native_cache.patched(base, CacheSettings("fbcache", 0.0))
-    out, t = timed(off)
-    rows.append(("+ pack cache, threshold 0", 0, t, out))
+    configurations = [("native plain", 0, base)]
+    configurations.append(("+ pack cache, threshold 0", 0, native_cache.patched(base, CacheSettings("fbcache", 0.0))))
     never = native_cache.patched(base, CacheSettings("fbcache", 1e-9))
-    out, t = timed(never)
-    rows.append(("+ pack cache on, never skipping", skipped_by(never), t, out))
+    configurations.append(("+ pack cache on, never skipping", skipped_by(never), never))
     # Random weights change more per step than a trained model: a high threshold lets the limits decide (every
     # other step after the first), so the skip count is known.
     skipping_settings = CacheSettings("fbcache", 5.0, max_consecutive_cached=1, warmup_steps=1)
     skipping = native_cache.patched(base, skipping_settings)
     k = skipped_by(skipping)
-    out, t = timed(skipping)
-    rows.append((f"+ pack cache fbcache (threshold {skipping_settings.threshold}, max 1 in a row)", k, t, out))
+    configurations.append((f"+ pack cache fbcache (threshold {skipping_settings.threshold}, max 1 in a row)", k,
+                           skipping))
     lo, hi, best = 0.0, 3.0, None
     for _ in range(8):  # bisect EasyCache's threshold to the same skip count
         mid = (lo + hi) / 2
@@ -157,16 +156,14 @@ def main(argv=None) -> int:
         if got == k:
             break
         lo, hi = (mid, hi) if got < k else (lo, mid)
-    ec = easycache(best[0])
-    out, t = timed(ec)
-    rows.append((f"+ ComfyUI EasyCache (reuse_threshold {best[0]:.3f})", best[1], t, out))
+    configurations.append((f"+ ComfyUI EasyCache (reuse_threshold {best[0]:.3f})", best[1], easycache(best[0])))
     compile_settings = CompileSettings("regional", backend=args.compile_backend)
     compiled = native_compile.patched(base, compile_settings)
-    out, t = timed(compiled)
-    rows.append((f"+ pack compile ({args.compile_backend}, regional)", 0, t, out))
-    both = native_cache.patched(compiled, skipping_settings)
-    out, t = timed(both)
-    rows.append(("+ pack compile + cache skipping", k, t, out))
+    configurations.append((f"+ pack compile ({args.compile_backend}, regional)", 0, compiled))
+    configurations.append(("+ pack compile + cache skipping", k, native_cache.patched(compiled, skipping_settings)))
+    results = timed_side_by_side([model for _, _, model in configurations])
+    rows = [(name, skipped, seconds, out) for (name, skipped, _), (out, seconds) in zip(configurations, results)]
+    plain, t_plain = results[0]
 
     # recompile check: LoRA strength / removal / placement, seed, steps, threshold
     lora = {}

@@ -23,9 +23,12 @@ def model():
     return TinyBflFlux2().eval()
 
 
-def sample(model, settings=None, steps=8, batch=1, cfg=False, ref=False, split_cfg=False, seed=1, guidance=3.0):
+def sample(model, settings=None, steps=8, batch=1, cfg=False, ref=False, split_cfg=False, seed=1, guidance=3.0,
+           table_per_call=True, other_replacements=None):
     """Euler flow sampling the way ComfyUI calls a model: cond and uncond batched in one call marked by
-    cond_or_uncond (or, split_cfg, one call per branch), each call wrapped in the cache's model_call."""
+    cond_or_uncond (or, split_cfg, one call per branch), each call wrapped in the cache's model_call and, as the
+    native node does (table_per_call), given its own copy of the block-replacement table. `other_replacements`:
+    replacements another patch put there before the cache."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, 6, 8, generator=g)
     cond, uncond = torch.randn(batch, 4, 12, generator=g), torch.zeros(batch, 4, 12)
@@ -35,16 +38,21 @@ def sample(model, settings=None, steps=8, batch=1, cfg=False, ref=False, split_c
     if settings is not None:
         cache = BflStepCache(settings, steps, "dev", model.double_blocks[0], len(model.double_blocks),
                              len(model.single_blocks))
-        options = {"patches_replace": {"dit": block_replacements(len(model.double_blocks), len(model.single_blocks))},
-                   STATE_KEY: cache}
+        table = {**(other_replacements or {}),
+                 **block_replacements(len(model.double_blocks), len(model.single_blocks))}
+        options = {"patches_replace": {"dit": table}, STATE_KEY: cache}
     sigmas = torch.linspace(1.0, 0.0, steps + 1)
 
     def call(xin, context, t, marks):
         refs = None if reference is None else reference.repeat(xin.shape[0] // batch, 1, 1)
-        scope = cache.model_call(marks, xin.shape[0], xin.device) if cache else contextlib.nullcontext()
+        call_options = {**options, "cond_or_uncond": marks}
+        block_table = None
+        if cache and table_per_call:
+            block_table = dict(options["patches_replace"]["dit"])
+            call_options["patches_replace"] = {"dit": block_table}
+        scope = cache.model_call(marks, xin.shape[0], xin.device, block_table) if cache else contextlib.nullcontext()
         with scope:
-            return model(xin, context, t.expand(xin.shape[0]), ref=refs,
-                         transformer_options={**options, "cond_or_uncond": marks})
+            return model(xin, context, t.expand(xin.shape[0]), ref=refs, transformer_options=call_options)
 
     with torch.inference_mode():
         for i in range(steps):
@@ -106,6 +114,66 @@ def test_high_threshold_skips_with_warmup_and_consecutive_limit(model, method):
     plain, _ = sample(model)
     assert torch.isfinite(out).all() and not torch.equal(out, plain)
     assert stats["method"] == method and stats["estimated_time_saved_s"] >= 0
+
+
+def test_only_the_first_and_last_blocks_carry_a_replacement_for_the_run():
+    assert sorted(block_replacements(2, 3)) == [("double_block", 0), ("single_block", 2)]
+    assert sorted(block_replacements(1, 1)) == [("double_block", 0), ("single_block", 0)]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_skipped_calls_run_no_block_between_and_leave_the_table_as_found(model, method):
+    """A skipped call lets the blocks between the first and the last through (none of them runs) with
+    pass-throughs in the call's own table; a computed call runs them untouched; the table the call was given is
+    as it was after the call, another patch's replacement of a block between included."""
+    between = [model.double_blocks[1], *model.single_blocks[:-1]]
+    counters = [count_runs(block) for block in between]
+    seen_tables = []
+    other_calls = [0]
+
+    def other_patch(args, extra):  # another pack's replacement of single block 0: runs only on computed calls
+        other_calls[0] += 1
+        return extra["original_block"](args)
+
+    settings = CacheSettings(method, threshold=5.0, warmup_steps=1, max_consecutive_cached=3)
+    original_model_call = BflStepCache.model_call
+
+    @contextlib.contextmanager
+    def watching(self, marks, rows, device, block_table=None):
+        before = dict(block_table)
+        with original_model_call(self, marks, rows, device, block_table) as call:
+            yield call
+        seen_tables.append(block_table == before)
+
+    BflStepCache.model_call = watching
+    try:
+        out, cache = sample(model, settings, other_replacements={("single_block", 0): other_patch})
+    finally:
+        BflStepCache.model_call = original_model_call
+        for _, handle in counters:
+            handle.remove()
+    assert (cache.stats()["computed_steps"], cache.stats()["skipped_steps"]) == (2, 6)
+    assert [counter[0] for counter, _ in counters] == [2] * len(between)  # the two computed calls only
+    assert other_calls[0] == 2
+    assert seen_tables == [True] * 8
+    reference, _ = sample(model, settings, table_per_call=False)
+    assert torch.equal(out, reference)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_forward_that_ignores_the_table_still_gets_the_cached_result(model, method):
+    """Without a table of the call's own (a forward that looks blocks up elsewhere), the blocks between run on a
+    skipped call, and the last single block still hands on the cached image: the same latent as with the table."""
+    between = count_runs(model.single_blocks[0])
+    settings = CacheSettings(method, threshold=5.0, warmup_steps=1, max_consecutive_cached=3)
+    try:
+        without, cache = sample(model, settings, table_per_call=False, cfg=True)
+    finally:
+        between[1].remove()
+    assert cache.stats()["skipped_steps"] == 12
+    assert between[0][0] == 8  # it ran on every call, skipped ones included
+    with_table, _ = sample(model, settings, cfg=True)
+    assert torch.equal(without, with_table)
 
 
 @pytest.mark.parametrize("method", METHODS)

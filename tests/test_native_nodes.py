@@ -98,10 +98,16 @@ def test_replacement_chaining_runs_an_existing_patch_inside_ours():
 
 
 def test_wrapper_transformer_options_positional_and_keyword():
-    options = {"a": 1}
+    options, other = {"a": 1}, {"b": 2}
     assert comfy_patching.wrapper_transformer_options((torch.zeros(1), 1, None, options), {}) is options
     assert comfy_patching.wrapper_transformer_options((), {"transformer_options": options}) is options
     assert comfy_patching.wrapper_transformer_options((torch.zeros(1),), {}) == {}
+    x = torch.zeros(1)
+    args, kwargs = comfy_patching.with_transformer_options((x, 1, None, options, 5), {"k": 3}, other)
+    assert args == (x, 1, None, other, 5) and kwargs == {"k": 3}
+    args, kwargs = comfy_patching.with_transformer_options((x,), {"transformer_options": options}, other)
+    assert args == (x,) and kwargs == {"transformer_options": other}
+    assert comfy_patching.with_transformer_options((x,), {}, other) == ((x,), {"transformer_options": other})
 
 
 def test_diffusion_model_wrapper_times_calls_per_branch():
@@ -110,9 +116,20 @@ def test_diffusion_model_wrapper_times_calls_per_branch():
 
     model = TinyBflFlux2()
     cache = BflStepCache(CacheSettings("fbcache", 1e-9), 4, "dev", model.double_blocks[0], 2, 3)
-    options = {STATE_KEY: cache, "cond_or_uncond": [1, 0]}
-    executor = lambda *args, **kwargs: "out"  # noqa: E731
+    table = {("double_block", 0): "first"}
+    options = {STATE_KEY: cache, "cond_or_uncond": [1, 0], "patches_replace": {"dit": table, "other": {}}}
+    handed = []
+
+    def executor(*args, **kwargs):
+        handed.append(args[-1])
+        return "out"
+
     assert native_cache.diffusion_model_wrapper(executor, torch.zeros(4, 1), 1, options) == "out"
+    # the forward got a copy of transformer_options with a block table of its own, the caller's left alone
+    call_options = handed[0]
+    assert call_options is not options and call_options[STATE_KEY] is cache
+    assert call_options["patches_replace"]["dit"] == table and call_options["patches_replace"]["dit"] is not table
+    assert options["patches_replace"]["dit"] is table and call_options["patches_replace"]["other"] == {}
     assert sorted(cache.run.branches) == ["cond", "uncond"]
     assert cache.stats()["computed_steps"] == 2
     # without a run state the wrapper is transparent

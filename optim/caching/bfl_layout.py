@@ -15,15 +15,22 @@ Per model call (`BflStepCache.model_call`): the batch is split into CFG branches
 names its chunks), each with its own state. The first double block decides per branch; the call skips only when
 every branch in it may skip (they share one batched forward, so computing one computes all; a branch that could
 have skipped is then computed and its state updated as computed). On a skipped call:
-- fbcache: the first double block runs; the other blocks pass their input through and the image stream gets the
-  cached residual of the remaining blocks (image output of the last single block minus image output of the first
-  double block);
+- fbcache: the first double block runs and the image stream gets the cached residual of the remaining blocks (image
+  output of the last single block minus image output of the first double block);
 - teacache: no block runs; the image stream gets the cached residual of all blocks.
 The residual covers every image-stream token, reference-image tokens included, so it is reused consistently; the
 forward drops the reference part afterwards.
 
+Only two blocks carry a replacement for the whole run: the first double block (it decides) and the last single block
+(it measures the residual on a computed call and, on a skipped call, hands the cached result on). The blocks between
+run untouched, with no Python in between, on a computed call. On a skipped call, the first block puts pass-through
+replacements for them into the call's own block-replacement table (`model_call(..., block_table=)`, the dict the
+forward looks each block up in), and the call's end takes them out again. A forward that does not look blocks up in
+that dict still gives the right result, since the last single block hands on the cached image whatever the blocks
+between did; it only does not save their time.
+
 Public API (what the ComfyUI adapter in nodes/ uses): STATE_KEY, BflStepCache(settings, total_steps, family,
-first_block, num_double, num_single), .model_call(cond_or_uncond, batch_size, device), .stats(),
+first_block, num_double, num_single), .model_call(cond_or_uncond, batch_size, device, block_table=None), .stats(),
 block_replacements(num_double, num_single), branch_names(cond_or_uncond), modulated_input(block, img, vec).
 """
 
@@ -78,9 +85,12 @@ class _Call:
 
     branches: list[Branch]
     rows: int  # batch rows per branch
+    block_table: dict | None = None  # the forward's block-replacement table for this call
     skip: bool = False
     reference: torch.Tensor | None = None  # image stream the cached residual is measured from
-    extra: dict = field(default_factory=dict)
+    skipped_image: torch.Tensor | None = None  # on a skipped call: the image stream the call hands on
+    passed_through: int = 0  # blocks the forward let through untouched on a skipped call
+    displaced: dict = field(default_factory=dict)  # table entries the pass-throughs replaced for this call
 
     def chunks(self, tensor: torch.Tensor):
         for i, branch in enumerate(self.branches):
@@ -88,6 +98,14 @@ class _Call:
 
     def joined(self, parts: list[torch.Tensor]) -> torch.Tensor:
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+
+def _pass_double(args: dict, extra: dict) -> dict:
+    return {"img": args["img"], "txt": args["txt"]}
+
+
+def _pass_single(args: dict, extra: dict) -> dict:
+    return {"img": args["img"]}
 
 
 class BflStepCache:
@@ -119,7 +137,10 @@ class BflStepCache:
 
     # -- one model call
     @contextlib.contextmanager
-    def model_call(self, cond_or_uncond, batch_size: int, device: torch.device):
+    def model_call(self, cond_or_uncond, batch_size: int, device: torch.device, block_table: dict | None = None):
+        """Wrap one model call. `block_table`: the dict the forward looks block replacements up in during this
+        call (its own copy: a skipped call puts pass-throughs in it for the blocks between the first and the last,
+        and takes them out when the call ends)."""
         names = branch_names(cond_or_uncond)
         if batch_size % len(names):  # chunks of unequal size: not a layout we can split, treat as one branch
             names = ["cond"]
@@ -128,7 +149,7 @@ class BflStepCache:
             self.run.branch_name = name
             branches.append(self.run.branch())
         self.run.branch_name = None
-        call = self.call = _Call(branches, batch_size // len(branches))
+        call = self.call = _Call(branches, batch_size // len(branches), block_table)
         start = time.perf_counter()
         try:
             yield call
@@ -139,6 +160,38 @@ class BflStepCache:
                 self.run.record(branch, call.skip, seconds)
         finally:
             self.call = None
+            self._restore_table(call)
+
+    def _middle_blocks(self):
+        yield from (("double_block", i) for i in range(1, self.num_double))
+        yield from (("single_block", i) for i in range(self.num_single - 1))
+
+    def _let_middle_blocks_through(self, call: _Call) -> None:
+        if call.block_table is None:
+            return
+        for key in self._middle_blocks():
+            if key in call.block_table:
+                call.displaced[key] = call.block_table[key]
+            call.block_table[key] = self._pass_double if key[0] == "double_block" else self._pass_single
+
+    def _restore_table(self, call: _Call) -> None:
+        if call.block_table is None or not call.skip:
+            return
+        for key in self._middle_blocks():
+            if key in call.displaced:
+                call.block_table[key] = call.displaced[key]
+            else:
+                call.block_table.pop(key, None)
+
+    def _pass_double(self, args: dict, extra: dict) -> dict:
+        if self.call is not None:
+            self.call.passed_through += 1
+        return _pass_double(args, extra)
+
+    def _pass_single(self, args: dict, extra: dict) -> dict:
+        if self.call is not None:
+            self.call.passed_through += 1
+        return _pass_single(args, extra)
 
     # -- the block replacements' work
     def double_block(self, index: int, args: dict, extra: dict) -> dict:
@@ -147,25 +200,42 @@ class BflStepCache:
             return extra["original_block"](args)
         if index == 0:
             if self.settings.method == "teacache":
-                return self._teacache_first(call, args, extra)
-            return self._fbcache_first(call, args, extra)
-        if call.skip:
-            return {"img": args["img"], "txt": args["txt"]}
+                out = self._teacache_first(call, args, extra)
+            else:
+                out = self._fbcache_first(call, args, extra)
+            if call.skip:
+                # a copy: where the forward runs the blocks between after all, they add to their input in place
+                call.skipped_image = out["img"].clone()
+                self._let_middle_blocks_through(call)
+            return out
+        if call.skip:  # a forward that calls the replacement of a block between without our table's help
+            return _pass_double(args, extra)
         return extra["original_block"](args)
 
     def single_block(self, index: int, args: dict, extra: dict) -> dict:
         call = self.call
         if call is None:
             return extra["original_block"](args)
+        last = index == self.num_single - 1
         if call.skip:
-            return {"img": args["img"]}
+            if not last:
+                return _pass_single(args, extra)
+            return {"img": self._handed_on(call, args["img"])}
         out = extra["original_block"](args)
-        if index == self.num_single - 1 and call.reference is not None:
+        if last and call.reference is not None:
             stream = out["img"]
             image = stream[:, stream.shape[1] - call.reference.shape[1]:]
             self._keep_residual(call, image - call.reference)
             call.reference = None
         return out
+
+    def _handed_on(self, call: _Call, stream: torch.Tensor) -> torch.Tensor:
+        """The last single block's output on a skipped call: the text part of the stream as it came, the image part
+        the first block decided on. When every block between was let through, that is the stream itself."""
+        if call.passed_through == self.num_double - 1 + self.num_single - 1:
+            return stream
+        image = call.skipped_image
+        return torch.cat((stream[:, :stream.shape[1] - image.shape[1]], image), dim=1)
 
     def _fbcache_first(self, call: _Call, args: dict, extra: dict) -> dict:
         before = args["img"].clone()  # BFL-layout blocks add to their input in place
@@ -218,21 +288,17 @@ def _state(args: dict) -> BflStepCache | None:
 
 
 def block_replacements(num_double: int, num_single: int) -> dict:
-    """Replacement functions for every block, keyed as the layout's forward looks them up. Each finds the run's
-    BflStepCache in args["transformer_options"][STATE_KEY]; without one (no run installed) it runs the block."""
+    """Replacement functions for the two blocks the cache works at, the first double block and the last single
+    block, keyed as the layout's forward looks them up. Each finds the run's BflStepCache in
+    args["transformer_options"][STATE_KEY]; without one (no run installed) it runs the block. The blocks between
+    need none for the whole run (see the module's docstring)."""
 
-    def double(index):
-        def replace(args, extra):
-            state = _state(args)
-            return extra["original_block"](args) if state is None else state.double_block(index, args, extra)
-        return replace
+    def first_double(args, extra):
+        state = _state(args)
+        return extra["original_block"](args) if state is None else state.double_block(0, args, extra)
 
-    def single(index):
-        def replace(args, extra):
-            state = _state(args)
-            return extra["original_block"](args) if state is None else state.single_block(index, args, extra)
-        return replace
+    def last_single(args, extra):
+        state = _state(args)
+        return extra["original_block"](args) if state is None else state.single_block(num_single - 1, args, extra)
 
-    table = {("double_block", i): double(i) for i in range(num_double)}
-    table.update({("single_block", i): single(i) for i in range(num_single)})
-    return table
+    return {("double_block", 0): first_double, ("single_block", num_single - 1): last_single}
