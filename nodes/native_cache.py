@@ -7,8 +7,9 @@ module only installs them through ComfyUI's patcher (nodes/comfy_patching.py):
 - an OUTER_SAMPLE wrapper that creates fresh state for each sampling run in a clone of the guider's model_options
   and, in `finally`, logs the statistics, shows them on this node and drops the state (like ComfyUI's EasyCache);
 - a DIFFUSION_MODEL wrapper that tells the state which CFG branches (transformer_options["cond_or_uncond"]) each
-  model call carries, hands the forward a copy of the block-replacement table that a skipped call can let the blocks
-  between through with, and times the call.
+  model call carries and at which sigma (so samplers that call the model twice per step count steps, not calls),
+  hands the forward a copy of the block-replacement table that a skipped call can let the blocks between through
+  with, and times the call.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     steps = max(0, len(sigmas) - 1) if sigmas is not None else None
     diffusion_model = guider.model_patcher.model.diffusion_model
     cache = BflStepCache(config.settings, steps, config.family, diffusion_model.double_blocks[0],
-                         config.num_double, config.num_single)
+                         config.num_double, config.num_single, schedule=sigmas)
     try:
         guider.model_options = comfy_patching.clone_model_options(original_options)
         guider.model_options["transformer_options"][STATE_KEY] = cache
@@ -84,7 +85,7 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
     block_table = dict(options.get("patches_replace", {}).get("dit", {}))
     call_options = {**options, "patches_replace": {**options.get("patches_replace", {}), "dit": block_table}}
     args, kwargs = comfy_patching.with_transformer_options(args, kwargs, call_options)
-    with cache.model_call(options.get("cond_or_uncond"), x.shape[0], x.device, block_table):
+    with cache.model_call(options.get("cond_or_uncond"), x.shape[0], x.device, block_table, options.get("sigmas")):
         return executor(*args, **kwargs)
 
 

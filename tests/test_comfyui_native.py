@@ -102,7 +102,8 @@ def run_prompt(url, log_path, graph, timeout=300, expect_success=True) -> tuple[
 
 
 def graph_for(cache=None, compile_backend=None, lora=None, lora_after_compile=False, seed=1, steps=4, cfg=2.0,
-              sampler="ksampler", model_node="Flux2AccelTestNativeFlux2Model"):
+              sampler="ksampler", model_node="Flux2AccelTestNativeFlux2Model", sampler_name="euler",
+              start_percent=0.0):
     """TestModel -> [LoRA] -> [compile] -> [step cache] -> KSampler / SamplerCustomAdvanced -> SaveLatent."""
     g = {
         "1": {"class_type": model_node, "inputs": {"config": "tiny", "seed": 0}}
@@ -132,14 +133,15 @@ def graph_for(cache=None, compile_backend=None, lora=None, lora_after_compile=Fa
     if cache is not None:
         method, threshold = cache
         g["12"] = {"class_type": "Flux2AccelNativeStepCache",
-                   "inputs": {"model": model, "method": method, "threshold": threshold, "start_percent": 0.0,
+                   "inputs": {"model": model, "method": method, "threshold": threshold,
+                              "start_percent": start_percent,
                               "end_percent": 1.0, "max_consecutive_cached": 3, "warmup_steps": 1,
                               "teacache_coefficients": ""}}
         model = ["12", 0]
     if sampler == "ksampler":
         g["6"] = {"class_type": "KSampler", "inputs": {"model": model, "positive": ["4", 0], "negative": ["3", 0],
                                                         "latent_image": ["5", 0], "seed": seed, "steps": steps,
-                                                        "cfg": cfg, "sampler_name": "euler", "scheduler": "simple",
+                                                        "cfg": cfg, "sampler_name": sampler_name, "scheduler": "simple",
                                                         "denoise": 1.0}}
         latent = ["6", 0]
     else:
@@ -147,7 +149,7 @@ def graph_for(cache=None, compile_backend=None, lora=None, lora_after_compile=Fa
             "20": {"class_type": "CFGGuider", "inputs": {"model": model, "positive": ["4", 0], "negative": ["3", 0],
                                                          "cfg": cfg}},
             "21": {"class_type": "RandomNoise", "inputs": {"noise_seed": seed}},
-            "22": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
+            "22": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": sampler_name}},
             "23": {"class_type": "BasicScheduler", "inputs": {"model": model, "scheduler": "simple", "steps": steps,
                                                               "denoise": 1.0}},
             "24": {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["21", 0], "guider": ["20", 0],
@@ -204,6 +206,17 @@ def test_skipping_threshold_skips_and_reports_on_the_node_and_in_the_log(comfyui
     on_node = [text for node, text in texts if node == "12"]
     assert on_node and "skipped_steps=8" in on_node[-1] and "computed_steps=4" in on_node[-1], texts
     assert torch.isfinite(cached).all() and not torch.equal(cached, plain)
+
+
+def test_a_two_call_sampler_counts_the_window_in_steps(comfyui):
+    """heun calls the model at sigma_i and sigma_i+1 for each of 6 steps but the last (11 calls per branch, at
+    steps 0 1 1 2 2 3 3 4 4 5 5). With start_percent 0.5, the first call that may skip is the first one at step 3
+    (the 6th call), not the 4th call; then at most 3 in a row."""
+    url, base, log_path = comfyui
+    entry, texts = run_prompt(url, log_path, graph_for(("fbcache", 5.0), steps=6, sampler_name="heun",
+                                                       start_percent=0.5))
+    on_node = "\n".join(text for node, text in texts if node == "12")
+    assert "cond: CCCCCSSSCSS" in on_node and "uncond: CCCCCSSSCSS" in on_node, on_node
 
 
 def test_native_lora_strength_changes_under_compile_recompile_nothing(comfyui):

@@ -185,6 +185,36 @@ def test_start_and_end_percent_bound_the_skipped_steps(model, method):
     assert cache.stats()["skipped_steps"] == 2
 
 
+@pytest.mark.parametrize("use_schedule, timeline", [(True, "CCCCCCCSSSSCCCCC"), (False, "CCCCSSCCCCCCCCCC")])
+def test_two_calls_per_step_count_steps_by_sigma(model, use_schedule, timeline):
+    """A heun-like sampler calls the model at sigma_i and sigma_i+1 for each step i. Given the schedule, the window
+    [0.5, 0.75) of 8 steps covers the calls at steps 4 and 5 (four calls); counted by calls it would cover calls 4
+    and 5 (steps 2 and 3)."""
+    settings = CacheSettings("fbcache", threshold=5.0, warmup_steps=0, max_consecutive_cached=0,
+                             start_percent=0.5, end_percent=0.75, min_steps=0)
+    sigmas = torch.linspace(1.0, 0.0, 9)
+    cache = BflStepCache(settings, 8, "dev", model.double_blocks[0], 2, 3, schedule=sigmas if use_schedule else None)
+    g = torch.Generator().manual_seed(2)
+    x, cond = torch.randn(1, 6, 8, generator=g), torch.randn(1, 4, 12, generator=g)
+    with torch.inference_mode():
+        for i in range(8):
+            for sigma in (sigmas[i], sigmas[i + 1]):
+                table = dict(block_replacements(2, 3))
+                options = {"patches_replace": {"dit": table}, STATE_KEY: cache, "cond_or_uncond": [0]}
+                with cache.model_call([0], 1, x.device, table, sigma=sigma.reshape(1)):
+                    model(x, cond, sigma.reshape(1), transformer_options=options)
+    assert cache.run.branches["cond"].timeline == timeline
+    assert cache.run.step_index is None  # only set while a call runs
+
+
+def test_step_of_a_sigma():
+    cache = BflStepCache(CacheSettings("fbcache", 0.1), 4, "dev", torch.nn.Linear(1, 1), 2, 3,
+                         schedule=torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0]))
+    assert [cache.step_of(v) for v in (1.0, 0.9, 0.75, 0.6, 0.5, 0.25, 0.1, 0.0)] == [0, 1, 1, 2, 2, 3, 4, 4]
+    assert cache.step_of(torch.tensor([0.5, 0.5])) == 2 and cache.step_of(None) is None
+    assert BflStepCache(CacheSettings("fbcache", 0.1), 4, "dev", torch.nn.Linear(1, 1), 2, 3).step_of(0.5) is None
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_cfg_branches_keep_separate_state(model, method):
     """cond and uncond batched in one call give what separate calls per branch give: each branch reuses its own

@@ -117,7 +117,17 @@ def test_diffusion_model_wrapper_times_calls_per_branch():
     model = TinyBflFlux2()
     cache = BflStepCache(CacheSettings("fbcache", 1e-9), 4, "dev", model.double_blocks[0], 2, 3)
     table = {("double_block", 0): "first"}
-    options = {STATE_KEY: cache, "cond_or_uncond": [1, 0], "patches_replace": {"dit": table, "other": {}}}
+    options = {STATE_KEY: cache, "cond_or_uncond": [1, 0], "patches_replace": {"dit": table, "other": {}},
+               "sigmas": torch.tensor([0.5])}
+    cache.schedule = [1.0, 0.75, 0.5, 0.25, 0.0]
+    seen_steps = []
+    original_model_call = cache.model_call
+
+    def model_call(*args, **kwargs):
+        seen_steps.append(cache.step_of(args[4] if len(args) > 4 else kwargs.get("sigma")))
+        return original_model_call(*args, **kwargs)
+
+    cache.model_call = model_call
     handed = []
 
     def executor(*args, **kwargs):
@@ -130,6 +140,7 @@ def test_diffusion_model_wrapper_times_calls_per_branch():
     assert call_options is not options and call_options[STATE_KEY] is cache
     assert call_options["patches_replace"]["dit"] == table and call_options["patches_replace"]["dit"] is not table
     assert options["patches_replace"]["dit"] is table and call_options["patches_replace"]["other"] == {}
+    assert seen_steps == [2]  # the call's sigma reached the cache
     assert sorted(cache.run.branches) == ["cond", "uncond"]
     assert cache.stats()["computed_steps"] == 2
     # without a run state the wrapper is transparent

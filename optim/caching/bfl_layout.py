@@ -21,6 +21,10 @@ have skipped is then computed and its state updated as computed). On a skipped c
 The residual covers every image-stream token, reference-image tokens included, so it is reused consistently; the
 forward drops the reference part afterwards.
 
+Steps: given the run's sigma schedule (`schedule=`) and each call's sigma (`model_call(..., sigma=)`), a call
+belongs to the step whose sigma range it falls in, so a sampler that calls the model more than once per step (heun,
+dpm_2, the SDE samplers) gets warmup and the start..end window in steps, as euler does.
+
 Only two blocks carry a replacement for the whole run: the first double block (it decides) and the last single block
 (it measures the residual on a computed call and, on a skipped call, hands the cached result on). The blocks between
 run untouched, with no Python in between, on a computed call. On a skipped call, the first block puts pass-through
@@ -30,7 +34,8 @@ that dict still gives the right result, since the last single block hands on the
 between did; it only does not save their time.
 
 Public API (what the ComfyUI adapter in nodes/ uses): STATE_KEY, BflStepCache(settings, total_steps, family,
-first_block, num_double, num_single), .model_call(cond_or_uncond, batch_size, device, block_table=None), .stats(),
+first_block, num_double, num_single, schedule=None), .model_call(cond_or_uncond, batch_size, device,
+block_table=None, sigma=None), .stats(),
 block_replacements(num_double, num_single), branch_names(cond_or_uncond), modulated_input(block, img, vec).
 """
 
@@ -114,7 +119,7 @@ class BflStepCache:
     `block_replacements` in the forward's block-replacement table."""
 
     def __init__(self, settings, total_steps: int | None, family: str, first_block: torch.nn.Module,
-                 num_double: int, num_single: int):
+                 num_double: int, num_single: int, schedule=None):
         settings.validate()
         if settings.method not in METHODS:
             raise InputError(f"cache method '{settings.method}' is not available on a BFL-layout (ComfyUI) FLUX.2 "
@@ -126,7 +131,21 @@ class BflStepCache:
         self.first_block = first_block
         self.num_double = num_double
         self.num_single = num_single
+        # the sampler's sigmas, highest first (steps + 1 values); None: a step is a branch's call
+        if isinstance(schedule, torch.Tensor):
+            schedule = schedule.tolist()
+        self.schedule = None if schedule is None else [float(v) for v in schedule]
         self.call: _Call | None = None
+
+    def step_of(self, sigma) -> int | None:
+        """The step a call at noise level `sigma` belongs to: how many of the schedule's sigmas lie above it (the
+        call at the schedule's i-th sigma is step i; a sampler's in-between calls count with the step they are
+        inside). None without a schedule or a sigma."""
+        if self.schedule is None or sigma is None:
+            return None
+        value = float(sigma.flatten()[0]) if isinstance(sigma, torch.Tensor) else float(sigma)
+        tolerance = 1e-6 * max(1.0, abs(value))
+        return sum(1 for level in self.schedule if level > value + tolerance)
 
     @property
     def settings(self):
@@ -137,10 +156,12 @@ class BflStepCache:
 
     # -- one model call
     @contextlib.contextmanager
-    def model_call(self, cond_or_uncond, batch_size: int, device: torch.device, block_table: dict | None = None):
+    def model_call(self, cond_or_uncond, batch_size: int, device: torch.device, block_table: dict | None = None,
+                   sigma=None):
         """Wrap one model call. `block_table`: the dict the forward looks block replacements up in during this
         call (its own copy: a skipped call puts pass-throughs in it for the blocks between the first and the last,
-        and takes them out when the call ends)."""
+        and takes them out when the call ends). `sigma`: the call's noise level (with the run's schedule, it
+        gives the call's step)."""
         names = branch_names(cond_or_uncond)
         if batch_size % len(names):  # chunks of unequal size: not a layout we can split, treat as one branch
             names = ["cond"]
@@ -149,6 +170,7 @@ class BflStepCache:
             self.run.branch_name = name
             branches.append(self.run.branch())
         self.run.branch_name = None
+        self.run.step_index = self.step_of(sigma)
         call = self.call = _Call(branches, batch_size // len(branches), block_table)
         start = time.perf_counter()
         try:
@@ -160,6 +182,7 @@ class BflStepCache:
                 self.run.record(branch, call.skip, seconds)
         finally:
             self.call = None
+            self.run.step_index = None
             self._restore_table(call)
 
     def _middle_blocks(self):

@@ -10,6 +10,11 @@ starts from nothing. CFG branches: diffusers' [klein] pipeline names its transfo
 adapter sets `CacheRun.branch_name` while such a call runs, and every branch keeps its own state. Calls outside any
 named context (the [dev] pipeline) form the branch "cond".
 
+Steps and calls: by default a branch's step is its count of calls (the pack's own sampler and euler-like samplers
+make one call per step and branch). Where a sampler calls the model more than once per step (heun, dpm_2, the SDE
+samplers), an adapter that knows the run's sigma schedule sets `CacheRun.step_index` for the call in progress, so
+warmup and the start..end window count the run's steps, not its calls.
+
 Few-step runs: a run of fewer than `SkipGate.min_steps` steps (default 6) never skips, whatever the method's signal:
 on 4-step distilled models a skipped step is a quarter of the run, so caching barely saves time and visibly costs
 quality. `CacheRun.stats()` then carries one `note` saying so. The rule needs the run's step count: a run made with
@@ -89,6 +94,7 @@ class CacheRun:
         self.new_state = new_state
         self.branches: dict[str, Branch] = {}
         self.branch_name: str | None = None
+        self.step_index: int | None = None  # the step of the call in progress, where the adapter knows it
         self.computed = 0
         self.skipped = 0
         self.time_computed = 0.0
@@ -113,7 +119,8 @@ class CacheRun:
 
     def may_skip(self, branch: Branch) -> bool:
         """The gate every method shares: warmup, the start..end window, and the consecutive limit."""
-        return self.gate.allows(branch.index, branch.consecutive_cached, self.total_steps)
+        index = branch.index if self.step_index is None else self.step_index
+        return self.gate.allows(index, branch.consecutive_cached, self.total_steps)
 
     def record(self, branch: Branch, skipped: bool, seconds: float) -> None:
         """After each transformer call."""
