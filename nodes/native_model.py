@@ -12,6 +12,7 @@ wrapper, through the pack's store, exactly as for the pack's own sampler.
 
 Memory: when ComfyUI unloads one of these models (low memory, or "Free model and node cache"), the pack's store
 drops its references too (`released`), so once ComfyUI's node cache lets go of the MODEL nothing keeps the weights.
+ComfyUI's other detaches (it re-seats every model it loads, on every run) release nothing.
 A MODEL that lives on is put back into the store at its next run.
 
 Weight patches (ComfyUI's LoRA loaders, model merging) are refused with a pointer to LoRA Stack (FLUX.2): the
@@ -111,6 +112,12 @@ def released(patcher=None) -> None:
 
 
 def _on_detach(patcher, unpatch_all) -> None:
+    if not unpatch_all:
+        # Not an unload: ComfyUI detaches every model it is about to load again (load_models_gpu re-seats it on
+        # each run), and a patcher being collected detaches too. Releasing there would drop the store, text
+        # encoders and VAE included, on every run. ComfyUI's unloads (low memory, "Free model and node cache")
+        # detach with unpatch_all=True.
+        return
     try:
         released(patcher)
     except Exception:  # never break ComfyUI's own unloading

@@ -136,6 +136,46 @@ def test_pack_model_through_ksampler_with_guidance_and_reference(bridged):
     assert referenced.size == (64, 48) and referenced.tobytes() != guided.tobytes()
 
 
+def _latent(base, entry, node):
+    from safetensors.torch import load_file
+
+    saved = entry["outputs"][node]["latents"][0]
+    return load_file(str(base / "output" / saved.get("subfolder", "") / saved["filename"]))["latent_tensor"]
+
+
+def test_pack_model_under_comfyuis_sampler_lands_where_the_pack_sampler_lands(bridged):
+    """bf16 weights, same seed: the pack's sampler against the same model through the MODEL bridge into
+    SamplerCustomAdvanced (euler, FluxGuidance 4, ComfyUI's Flux2Scheduler, which gives diffusers' FLUX.2 sigmas).
+    Both keep the latents in float32 and draw the same float32 noise, so they land on the same latent (target: rel
+    L2 <= 1e-3). KSampler's 'simple' scheduler is another schedule (ComfyUI's FLUX shift), hence matched sigmas."""
+    import torch
+
+    url, base, log_path, _, _ = bridged
+    graph = _native_graph(steps=4)
+    for node in ("7", "8", "9"):
+        del graph[node]
+    graph.update({
+        "20": {"class_type": "Flux2AccelSampler",
+               "inputs": {"model": ["1", 0], "vae": ["10", 0], "conditioning": ["4", 0], "width": 64, "height": 48,
+                          "steps": 4, "guidance": 4.0, "seed": 4, "batch_size": 1}},
+        "21": {"class_type": "SaveLatent", "inputs": {"samples": ["20", 1], "filename_prefix": "pack_sampler"}},
+        "22": {"class_type": "FluxGuidance", "inputs": {"conditioning": ["5", 0], "guidance": 4.0}},
+        "23": {"class_type": "BasicGuider", "inputs": {"model": ["2", 0], "conditioning": ["22", 0]}},
+        "24": {"class_type": "RandomNoise", "inputs": {"noise_seed": 4}},
+        "25": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
+        "26": {"class_type": "Flux2Scheduler", "inputs": {"steps": 4, "width": 64, "height": 48}},
+        "27": {"class_type": "SamplerCustomAdvanced",
+               "inputs": {"noise": ["24", 0], "guider": ["23", 0], "sampler": ["25", 0], "sigmas": ["26", 0],
+                          "latent_image": ["6", 0]}},
+        "28": {"class_type": "SaveLatent", "inputs": {"samples": ["27", 0], "filename_prefix": "bridge_sampler"}},
+    })
+    entry = _run(url, log_path, graph)
+    pack, bridge = _latent(base, entry, "21"), _latent(base, entry, "28")
+    assert pack.shape == bridge.shape == (1, 16, 3, 4) and torch.isfinite(pack).all()
+    rel = ((bridge.float() - pack.float()).norm() / pack.float().norm()).item()
+    assert rel <= 1e-3, rel
+
+
 def test_native_lora_loader_is_refused_with_a_pointer_to_the_lora_stack(bridged):
     url, base, log_path, _, _ = bridged
     graph = _native_graph()
@@ -209,6 +249,25 @@ def test_wrong_width_is_refused_clearly_and_the_next_prompt_works(bridged):
     assert error["node_type"] == "Flux2AccelSampler"
     assert "width 64" in error["exception_message"] and "expects width 96" in error["exception_message"]
     assert _png(base, _run(url, log_path, _native_graph())).size == (64, 48)
+
+
+@pytest.mark.parametrize("path", ["bridge", "pack_sampler"])
+def test_consecutive_runs_keep_the_pack_s_models_loaded(bridged, path):
+    """ComfyUI detaches every model it loads again at the start of a run (to re-seat it); that is no unload, so
+    the pack keeps its loaded models (transformer, text encoder, VAE) from one prompt to the next: no release is
+    logged across three prompts with new seeds."""
+    url, base, log_path, _, _ = bridged
+    graph = _native_graph() if path == "bridge" else _pack_sampler_graph()
+    _run(url, log_path, graph)
+    offset = len(log_path.read_text())
+    for seed in (11, 12, 13):
+        if path == "bridge":
+            graph["7"]["inputs"]["seed"] = seed
+        else:
+            graph["5"]["inputs"]["seed"] = seed
+        _run(url, log_path, graph)
+    log = log_path.read_text()[offset:]
+    assert "ComfyUI unloaded a pack model" not in log, log[-3000:]
 
 
 def _free(url):
