@@ -100,6 +100,40 @@ def test_interrupt_leaves_model_reusable(tiny_models):
     assert torch.equal(sample(comps.transformer, comps.vae, cond, p), before)
 
 
+def test_bf16_model_samples_with_float32_latents_and_leaves_no_hook(tiny_models):
+    """A bf16 transformer: the pipeline's latents stay float32 between steps (the scheduler's update is not rounded
+    to bf16), which takes the result away from diffusers' bf16-latent run by about bf16's rounding, and the
+    float32-latent hook is gone after the run, after an interrupt too."""
+    import copy
+    import dataclasses
+
+    from diffusers.hooks import HookRegistry
+
+    from flux2_accel.optim.sampling import FLOAT32_LATENTS_HOOK
+
+    comps = tiny_models.dev
+    transformer = copy.deepcopy(comps.transformer).to(torch.bfloat16)
+    cond = _encoder(comps).encode("a dog")
+    cond = dataclasses.replace(cond, prompt_embeds=cond.prompt_embeds.to(torch.bfloat16))
+    p = SamplingParams(width=64, height=48, steps=4, seed=3)
+    got = sample(transformer, comps.vae, cond, p)
+    registry = HookRegistry.check_if_exists_or_initialize(transformer)
+    assert registry.get_hook(FLOAT32_LATENTS_HOOK) is None and "forward" not in transformer.__dict__
+    last = {}
+    pipe = dataclasses.replace(comps, transformer=transformer).pipeline()
+    pipe(prompt_embeds=cond.prompt_embeds, height=48, width=64, num_inference_steps=4, guidance_scale=p.guidance,
+         generator=torch.Generator().manual_seed(3), output_type="latent",
+         callback_on_step_end=lambda pl, i, t, kw: last.update(latents=kw["latents"]) or {})
+    assert last["latents"].dtype == torch.bfloat16  # diffusers on its own keeps bf16 latents
+    bf16_latents = latents.packed_to_latent(last["latents"], 3, 4).float()
+    rel = ((got - bf16_latents).norm() / got.norm()).item()
+    assert 1e-4 < rel < 5e-2, rel
+    with pytest.raises(Interrupted):
+        sample(transformer, comps.vae, cond, p, should_interrupt=lambda: True)
+    assert registry.get_hook(FLOAT32_LATENTS_HOOK) is None and "forward" not in transformer.__dict__
+    assert torch.equal(sample(transformer, comps.vae, cond, p), got)
+
+
 def test_encode_decode_layout(tiny_models):
     vae = tiny_models.dev.vae
     image = torch.rand(2, 70, 90, 3)

@@ -21,6 +21,7 @@ from typing import Any, Callable
 import torch
 
 from ..precision import psnr, weight_bytes
+from ..sampling import float32_latents
 from .measure import PeakMemory, Stopwatch, latent_deviation, median
 from .models import SCHEDULER_CONFIG, BenchModel
 
@@ -315,10 +316,12 @@ class BaselineRun(RowRun):
             last["latents"] = kwargs["latents"]
             return {}
 
-        self.pipe(prompt_embeds=self.ctx.prompt_embeds.to(self.ctx.device, torch.bfloat16), height=p.height,
-                  width=p.width, num_inference_steps=p.steps, guidance_scale=p.guidance,
-                  num_images_per_prompt=p.batch_size, generator=torch.Generator("cpu").manual_seed(p.seed),
-                  output_type="latent", callback_on_step_end=keep_latents)
+        # float32 prompt embeddings and latents, as every sampler of the pack and ComfyUI's keep them (sampling.py)
+        with float32_latents(self.module):
+            self.pipe(prompt_embeds=self.ctx.prompt_embeds.to(self.ctx.device, torch.float32), height=p.height,
+                      width=p.width, num_inference_steps=p.steps, guidance_scale=p.guidance,
+                      num_images_per_prompt=p.batch_size, generator=torch.Generator("cpu").manual_seed(p.seed),
+                      output_type="latent", callback_on_step_end=keep_latents)
         packed = last["latents"]  # [B, h*w, C], row-major
         b, _, c = packed.shape
         h, w = p.height // self.factor, p.width // self.factor
@@ -626,7 +629,7 @@ class Row:
 
 
 ROWS: tuple[Row, ...] = (
-    Row("baseline", "bare diffusers Flux2Pipeline, no pack code", BaselineRun),
+    Row("baseline", "bare diffusers Flux2Pipeline (float32 latents), no other pack code", BaselineRun),
     Row("pack-bf16", "the pack's path (handle, store, features, sample), bf16", precision_row("bf16")),
     Row("fp8", "fp8_e4m3fn weights, bf16 matmuls", precision_row("fp8_e4m3fn")),
     Row("fp8-fast", "fp8_e4m3fn weights, fp8 matmuls where the GPU has them", precision_row("fp8_e4m3fn_fast")),
