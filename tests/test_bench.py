@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from pathlib import Path
 
@@ -174,7 +173,6 @@ def test_fbcache_rows_pin_the_cache_on_without_and_with_skipping(tiny_run):
     assert "cache" not in row["fbcache-0"].stats  # threshold 0 is off: the feature does not install
 
 
-@pytest.mark.skipif(os.environ.get("FLUX2_ACCEL_INDUCTOR_TEST") != "1", reason="set FLUX2_ACCEL_INDUCTOR_TEST=1")
 def test_compile_row_measures_cold_and_warm_compiles_and_no_recompiles():
     rows, _ = run_bench(tiny_options(rows=("compile",), repeats=2))
     r = by_name(rows)["compile"]

@@ -251,6 +251,55 @@ def test_wrong_width_is_refused_clearly_and_the_next_prompt_works(bridged):
     assert _png(base, _run(url, log_path, _native_graph())).size == (64, 48)
 
 
+def test_progress_and_cancel_through_comfyuis_sampler(bridged):
+    """A bridged MODEL under KSampler reports every step on ComfyUI's websocket (node, value, max) and stops when
+    the Cancel button (POST /interrupt) is pressed mid-run; the next prompt runs."""
+    import asyncio
+    import uuid
+
+    import aiohttp
+
+    url, base, log_path, _, _ = bridged
+    steps = 60
+    graph = _native_graph(model_name="medium_flux2_dev.safetensors", steps=steps, width=256, height=256)
+    graph["3"]["inputs"]["text_encoder_name"] = "tiny_mistral.safetensors"
+    graph["5"] = {"class_type": "Flux2AccelTestNativeConditioning",
+                  "inputs": {"tokens": 8, "width": MEDIUM.transformer_config()["joint_attention_dim"], "seed": 0}}
+    for node in ("3", "4"):
+        del graph[node]
+    client_id = uuid.uuid4().hex
+
+    async def run_and_cancel():
+        progress, events = [], []
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(url.replace("http", "ws", 1) + f"/ws?clientId={client_id}") as ws:
+                async with session.post(url + "/prompt", json={"prompt": graph, "client_id": client_id}) as reply:
+                    prompt_id = (await reply.json())["prompt_id"]
+                async for message in ws:
+                    if message.type != aiohttp.WSMsgType.TEXT:
+                        continue
+                    event = json.loads(message.data)
+                    data = event.get("data", {})
+                    if data.get("prompt_id") != prompt_id:
+                        continue
+                    events.append(event["type"])
+                    if event["type"] == "progress":
+                        progress.append((data["node"], data["value"], data["max"]))
+                        if len(progress) == 3:
+                            async with session.post(url + "/interrupt", json={}) as reply:
+                                assert reply.status == 200
+                    if event["type"] in ("execution_interrupted", "execution_success", "execution_error"):
+                        return prompt_id, progress, events
+        raise AssertionError("the websocket closed before the prompt ended")
+
+    prompt_id, progress, events = asyncio.run(asyncio.wait_for(run_and_cancel(), 300))
+    assert events[-1] == "execution_interrupted", events
+    assert progress[:3] == [("7", 1, steps), ("7", 2, steps), ("7", 3, steps)], progress
+    assert len(progress) < steps
+    assert get_json(url + f"/history/{prompt_id}")[prompt_id]["status"]["status_str"] == "error"
+    assert _png(base, _run(url, log_path, _native_graph())).size == (64, 48)
+
+
 @pytest.mark.parametrize("path", ["bridge", "pack_sampler"])
 def test_consecutive_runs_keep_the_pack_s_models_loaded(bridged, path):
     """ComfyUI detaches every model it loads again at the start of a run (to re-seat it); that is no unload, so
