@@ -103,8 +103,9 @@ def run_prompt(url, log_path, graph, timeout=300, expect_success=True) -> tuple[
 
 def graph_for(cache=None, compile_backend=None, lora=None, lora_after_compile=False, seed=1, steps=4, cfg=2.0,
               sampler="ksampler", model_node="Flux2AccelTestNativeFlux2Model", sampler_name="euler",
-              start_percent=0.0):
-    """TestModel -> [LoRA] -> [compile] -> [step cache] -> KSampler / SamplerCustomAdvanced -> SaveLatent."""
+              start_percent=0.0, reference=False, lora_after_cache=None):
+    """TestModel -> [LoRA] -> [compile] -> [step cache] -> [LoRA] -> KSampler / SamplerCustomAdvanced ->
+    SaveLatent; `reference`: a ReferenceLatent (a 32x32 empty latent) on the positive conditioning."""
     g = {
         "1": {"class_type": model_node, "inputs": {"config": "tiny", "seed": 0}}
         if model_node == "Flux2AccelTestNativeFlux2Model" else {"class_type": model_node, "inputs": {}},
@@ -138,6 +139,15 @@ def graph_for(cache=None, compile_backend=None, lora=None, lora_after_compile=Fa
                               "end_percent": 1.0, "max_consecutive_cached": 3, "warmup_steps": 1,
                               "teacache_coefficients": ""}}
         model = ["12", 0]
+    if lora_after_cache is not None:
+        g["13"] = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": model, "lora_name":
+                                                                   "tiny_native_style.safetensors",
+                                                                   "strength_model": lora_after_cache}}
+        model = ["13", 0]
+    if reference:
+        g["14"] = {"class_type": "EmptyFlux2LatentImage", "inputs": {"width": 32, "height": 32, "batch_size": 1}}
+        g["15"] = {"class_type": "ReferenceLatent", "inputs": {"conditioning": ["2", 0], "latent": ["14", 0]}}
+        g["4"]["inputs"]["conditioning"] = ["15", 0]
     if sampler == "ksampler":
         g["6"] = {"class_type": "KSampler", "inputs": {"model": model, "positive": ["4", 0], "negative": ["3", 0],
                                                         "latent_image": ["5", 0], "seed": seed, "steps": steps,
@@ -206,6 +216,30 @@ def test_skipping_threshold_skips_and_reports_on_the_node_and_in_the_log(comfyui
     on_node = [text for node, text in texts if node == "12"]
     assert on_node and "skipped_steps=8" in on_node[-1] and "computed_steps=4" in on_node[-1], texts
     assert torch.isfinite(cached).all() and not torch.equal(cached, plain)
+
+
+def test_cache_with_a_reference_latent_and_a_lora_after_it(comfyui):
+    """ReferenceLatent on the positive conditioning and ComfyUI's LoRA loader after the cache node: at threshold 0
+    the latent is the uncached one bit for bit; at a skipping threshold steps are skipped, and the reference still
+    conditions the result."""
+    import torch
+
+    url, base, log_path = comfyui
+    plain = saved_latent(base, run_prompt(url, log_path, graph_for(reference=True, lora_after_cache=0.7))[0])
+    no_reference = saved_latent(base, run_prompt(url, log_path, graph_for(lora_after_cache=0.7))[0])
+    assert not torch.equal(plain, no_reference)
+    off = saved_latent(base, run_prompt(url, log_path, graph_for(("fbcache", 0.0), reference=True,
+                                                                 lora_after_cache=0.7))[0])
+    assert torch.equal(off, plain)
+    for method in ("fbcache", "teacache"):
+        entry, texts = run_prompt(url, log_path, graph_for((method, 5.0), reference=True, lora_after_cache=0.7,
+                                                           steps=6))
+        on_node = "\n".join(text for node, text in texts if node == "12")
+        skipped = int(re.search(r"skipped_steps=(\d+)", on_node).group(1))
+        # fbcache: the limits decide (C S S S C S per branch, two branches); teacache's signal skips some
+        assert skipped == 8 if method == "fbcache" else skipped > 0, on_node
+        cached = saved_latent(base, entry)
+        assert torch.isfinite(cached).all() and cached.shape == plain.shape
 
 
 def test_a_two_call_sampler_counts_the_window_in_steps(comfyui):
