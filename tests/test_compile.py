@@ -168,6 +168,26 @@ def test_full_scope_with_a_step_cache_compiles_the_blocks_without_recompiles(ses
     assert graph_count() == before
 
 
+@pytest.mark.parametrize("scope", ["full", "regional"])
+def test_a_bf16_model_compiles_once_with_its_float32_latents(tmp_path, scope):
+    """A bf16 transformer samples with the float32-latent hook on it during each run (sampling.py): the compiled
+    code is reused by the next runs (new seed, prompt, steps), nothing recompiles, and the result is the eager
+    one."""
+    bf16 = Session(tmp_path, seed=5)
+    bf16.transformer.to(torch.bfloat16)
+    bf16.prompts = [Flux2Conditioning(p.prompt_embeds.to(torch.bfloat16), "mistral") for p in bf16.prompts]
+    settings = CompileSettings(backend="eager", scope=scope)
+    eager, _ = bf16.run(compile=None, seed=2)
+    compiled, stats = bf16.run(compile=settings, seed=2)
+    assert stats["compile"]["compiled"] and stats["compile"]["scope"] == scope
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+    before = graph_count()
+    for seed, prompt, steps in ((3, 0, 2), (4, 1, 2), (5, 1, 3)):
+        _, stats = bf16.run(compile=settings, seed=seed, prompt=prompt, steps=steps)
+        assert stats["compile"]["graphs"] == 0, (seed, prompt, steps)
+    assert graph_count() == before
+
+
 def test_interrupted_run_leaves_the_module_eager(session):
     from flux2_accel.optim.errors import Interrupted
 
