@@ -105,11 +105,11 @@ class _Call:
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
 
-def _pass_double(args: dict, extra: dict) -> dict:
+def _double_unchanged(args: dict) -> dict:
     return {"img": args["img"], "txt": args["txt"]}
 
 
-def _pass_single(args: dict, extra: dict) -> dict:
+def _single_unchanged(args: dict) -> dict:
     return {"img": args["img"]}
 
 
@@ -206,15 +206,16 @@ class BflStepCache:
             else:
                 call.block_table.pop(key, None)
 
+    # the pass-throughs a skipped call puts in its table: they count, so the last block knows they were used
     def _pass_double(self, args: dict, extra: dict) -> dict:
         if self.call is not None:
             self.call.passed_through += 1
-        return _pass_double(args, extra)
+        return _double_unchanged(args)
 
     def _pass_single(self, args: dict, extra: dict) -> dict:
         if self.call is not None:
             self.call.passed_through += 1
-        return _pass_single(args, extra)
+        return _single_unchanged(args)
 
     # -- the block replacements' work
     def double_block(self, index: int, args: dict, extra: dict) -> dict:
@@ -232,7 +233,7 @@ class BflStepCache:
                 self._let_middle_blocks_through(call)
             return out
         if call.skip:  # a forward that calls the replacement of a block between without our table's help
-            return _pass_double(args, extra)
+            return _double_unchanged(args)
         return extra["original_block"](args)
 
     def single_block(self, index: int, args: dict, extra: dict) -> dict:
@@ -242,7 +243,7 @@ class BflStepCache:
         last = index == self.num_single - 1
         if call.skip:
             if not last:
-                return _pass_single(args, extra)
+                return _single_unchanged(args)
             return {"img": self._handed_on(call, args["img"])}
         out = extra["original_block"](args)
         if last and call.reference is not None:
