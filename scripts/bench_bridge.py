@@ -19,11 +19,10 @@ import argparse
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_native import setup_comfyui  # noqa: E402
+from bench_native import setup_comfyui, time_in_rounds  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -87,17 +86,7 @@ def main(argv=None) -> int:
 
     paths = [("pack sampler (engine.run, no decode)", pack_sampler), ("bridge: Model to ComfyUI + ComfyUI euler",
                                                                       bridge)]
-    outputs = [run() for _, run in paths]  # warm-up
-    times = [[] for _ in paths]
-    for _ in range(args.repeats):
-        for i, (_, run) in enumerate(paths):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            outputs[i] = run()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times[i].append(time.perf_counter() - start)
+    outputs, times = time_in_rounds([run for _, run in paths], args.repeats, device)
     per_round = [b / a - 1 for a, b in zip(*times)]
     pack_latent, bridge_latent = outputs
     print(f"\nbench `small` FLUX.2 [dev] ({args.precision}), {args.size}x{args.size}, {args.steps} steps, euler, "

@@ -23,7 +23,6 @@ import os
 import re
 import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,6 +42,21 @@ def setup_comfyui(comfyui_dir: str):
 
     comfy.cli_args.args.cpu = not torch.cuda.is_available()
     comfy.cli_args.args.use_pytorch_cross_attention = True  # ComfyUI's CPU default queries memory inside blocks
+
+
+def time_in_rounds(runs, repeats: int, device):
+    """One warm-up call of each run (compiles), then `repeats` rounds that call every run once in turn, timed with
+    the bench's Stopwatch (device work included). Returns (each run's last output, each run's seconds per round)."""
+    from flux2_accel.optim.bench.measure import Stopwatch
+
+    outputs = [run() for run in runs]
+    times = [[] for _ in runs]
+    for _ in range(repeats):
+        for i, run in enumerate(runs):
+            with Stopwatch(device) as watch:
+                outputs[i] = run()
+            times[i].append(watch.seconds)
+    return outputs, times
 
 
 class SkipCounter(logging.Handler):
@@ -102,21 +116,10 @@ def main(argv=None) -> int:
                                        seed=seed, disable_pbar=True)
 
     def timed_side_by_side(models):
-        """Time per image of each model: one warm-up run each (compiles), then --repeats rounds that run every
-        model once in turn. Returns per model (latent, median seconds, ratio to the first model): the ratio is the
-        median over rounds of the model's time over the first model's in the same round, so a slow spell of the
-        machine cancels out."""
-        outputs = [sample(model) for model in models]
-        times = [[] for _ in models]
-        for _ in range(args.repeats):
-            for i, model in enumerate(models):
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                outputs[i] = sample(model)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                times[i].append(time.perf_counter() - start)
+        """Per model: (latent, median seconds per image, median over rounds of its time over the first model's
+        in the same round, so a slow spell of the machine cancels out)."""
+        outputs, times = time_in_rounds([lambda model=model: sample(model) for model in models], args.repeats,
+                                        device)
         return [(out, statistics.median(t), statistics.median(a / b for a, b in zip(t, times[0])))
                 for out, t in zip(outputs, times)]
 

@@ -105,14 +105,6 @@ class _Call:
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
 
-def _double_unchanged(args: dict) -> dict:
-    return {"img": args["img"], "txt": args["txt"]}
-
-
-def _single_unchanged(args: dict) -> dict:
-    return {"img": args["img"]}
-
-
 class BflStepCache:
     """One sampling run's step cache on a BFL-layout model. Create one per run (fresh state), put it in the
     forward's transformer_options[STATE_KEY], wrap each model call in `model_call`, and install
@@ -210,43 +202,36 @@ class BflStepCache:
     def _pass_double(self, args: dict, extra: dict) -> dict:
         if self.call is not None:
             self.call.passed_through += 1
-        return _double_unchanged(args)
+        return {"img": args["img"], "txt": args["txt"]}
 
     def _pass_single(self, args: dict, extra: dict) -> dict:
         if self.call is not None:
             self.call.passed_through += 1
-        return _single_unchanged(args)
+        return {"img": args["img"]}
 
     # -- the block replacements' work
-    def double_block(self, index: int, args: dict, extra: dict) -> dict:
+    def first_double_block(self, args: dict, extra: dict) -> dict:
         call = self.call
         if call is None:
             return extra["original_block"](args)
-        if index == 0:
-            if self.settings.method == "teacache":
-                out = self._teacache_first(call, args, extra)
-            else:
-                out = self._fbcache_first(call, args, extra)
-            if call.skip:
-                # a copy: where the forward runs the blocks between after all, they add to their input in place
-                call.skipped_image = out["img"].clone()
-                self._let_middle_blocks_through(call)
-            return out
-        if call.skip:  # a forward that calls the replacement of a block between without our table's help
-            return _double_unchanged(args)
-        return extra["original_block"](args)
-
-    def single_block(self, index: int, args: dict, extra: dict) -> dict:
-        call = self.call
-        if call is None:
-            return extra["original_block"](args)
-        last = index == self.num_single - 1
+        if self.settings.method == "teacache":
+            out = self._teacache_first(call, args, extra)
+        else:
+            out = self._fbcache_first(call, args, extra)
         if call.skip:
-            if not last:
-                return _single_unchanged(args)
+            # a copy: where the forward runs the blocks between after all, they add to their input in place
+            call.skipped_image = out["img"].clone()
+            self._let_middle_blocks_through(call)
+        return out
+
+    def last_single_block(self, args: dict, extra: dict) -> dict:
+        call = self.call
+        if call is None:
+            return extra["original_block"](args)
+        if call.skip:
             return {"img": self._handed_on(call, args["img"])}
         out = extra["original_block"](args)
-        if last and call.reference is not None:
+        if call.reference is not None:
             stream = out["img"]
             image = stream[:, stream.shape[1] - call.reference.shape[1]:]
             self._keep_residual(call, image - call.reference)
@@ -319,10 +304,10 @@ def block_replacements(num_double: int, num_single: int) -> dict:
 
     def first_double(args, extra):
         state = _state(args)
-        return extra["original_block"](args) if state is None else state.double_block(0, args, extra)
+        return extra["original_block"](args) if state is None else state.first_double_block(args, extra)
 
     def last_single(args, extra):
         state = _state(args)
-        return extra["original_block"](args) if state is None else state.single_block(num_single - 1, args, extra)
+        return extra["original_block"](args) if state is None else state.last_single_block(args, extra)
 
     return {("double_block", 0): first_double, ("single_block", num_single - 1): last_single}
