@@ -151,12 +151,16 @@ def test_comfyui_forward_refuses_what_it_cannot_apply(tiny_models):
         module(x, t, ctx, control={"input": []})
 
 
-@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 1e-3)])
-def test_euler_through_comfyuis_call_matches_the_pack_s_sampler(tiny_models, dtype, tolerance):
+@pytest.mark.parametrize("dtype, tolerance, update", [(torch.float32, 1e-5, "comfyui"), (torch.bfloat16, 1e-3, "comfyui"),
+                                                     (torch.float32, 0.0, "diffusers"),
+                                                     (torch.bfloat16, 0.0, "diffusers")])
+def test_euler_through_comfyuis_call_matches_the_pack_s_sampler(tiny_models, dtype, tolerance, update):
     """ComfyUI's euler sampler, written out (CONST flow model: denoised = x - sigma * v; float32 latents, the model's
     input cast to its dtype and its output to float32, as ComfyUI's BaseModel does), through ComfyUI's call at the
     sigmas diffusers' FLUX.2 pipeline uses (ComfyUI's Flux2Scheduler gives the same), from the same seeded noise,
-    lands where the pack's sampler lands, in bf16 too: both keep the latents in float32."""
+    lands where the pack's sampler lands, in bf16 too: both keep the latents in float32. Written with diffusers'
+    update (x + dt * v instead of ComfyUI's velocity recovered from the denoised latent), it lands there bit for
+    bit: the update's form is the only difference between the two paths."""
     import copy
 
     from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
@@ -181,6 +185,9 @@ def test_euler_through_comfyuis_call_matches_the_pack_s_sampler(tiny_models, dty
         for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
             v = module(x.to(dtype), sigma.reshape(1), cond.prompt_embeds,
                        guidance=torch.tensor([params.guidance])).float()
+            if update == "diffusers":
+                x = x + (sigma_next - sigma) * v
+                continue
             denoised = x - sigma * v
             x = x + (x - denoised) / sigma * (sigma_next - sigma)
     rel = ((x - want).norm() / want.norm()).item()
