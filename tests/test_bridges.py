@@ -151,9 +151,9 @@ def test_comfyui_forward_refuses_what_it_cannot_apply(tiny_models):
         module(x, t, ctx, control={"input": []})
 
 
-@pytest.mark.parametrize("dtype, tolerance, update", [(torch.float32, 1e-5, "comfyui"), (torch.bfloat16, 1e-3, "comfyui"),
-                                                     (torch.float32, 0.0, "diffusers"),
-                                                     (torch.bfloat16, 0.0, "diffusers")])
+@pytest.mark.parametrize("dtype, tolerance, update", [
+    (torch.float32, 1e-5, "comfyui"), (torch.bfloat16, 1e-3, "comfyui"),
+    (torch.float32, 0.0, "diffusers"), (torch.bfloat16, 0.0, "diffusers")])
 def test_euler_through_comfyuis_call_matches_the_pack_s_sampler(tiny_models, dtype, tolerance, update):
     """ComfyUI's euler sampler, written out (CONST flow model: denoised = x - sigma * v; float32 latents, the model's
     input cast to its dtype and its output to float32, as ComfyUI's BaseModel does), through ComfyUI's call at the
