@@ -1,16 +1,19 @@
-"""Start a real ComfyUI for the tests on a machine where torchvision cannot be installed.
+"""Start a real ComfyUI for the tests on a machine where torchvision and torchaudio cannot be installed.
 
-ComfyUI's core imports torchvision at start-up (Stable Cascade, Cosmos and ACE models, one extra node), but PyPI has
-no torchvision that loads beside the CPU build of torch used here. None of the code paths the pack's tests drive
-use it. This launcher gives ComfyUI an import-only stand-in: `import torchvision.transforms` works, and any use of
-an attribute raises an error that says torchvision is a stand-in.
+ComfyUI's core imports torchvision (Stable Cascade, Cosmos and ACE models, `torchvision.ops`, `.models`, `.io`,
+`.transforms`) and, since about 0.2x, torchaudio (audio VAEs: `torchaudio.functional`, `.transforms`) at start-up,
+but PyPI has no torchvision or torchaudio that loads beside the CPU build of torch used here. None of the code paths
+the pack's tests drive use them. This launcher gives ComfyUI import-only stand-ins for both packages and every
+submodule: `import torchvision.ops` or `import torchaudio.functional` works, and any use of an attribute raises an
+error that says the package is a stand-in.
 
-transformers must not take the stand-in for a real torchvision (it would pick torchvision-backed image processors).
-Its probe, `is_torchvision_available`, is memoized, so the launcher asks it first, while nothing named torchvision
-can be found, and only then installs the stand-in. `check_probe_unchanged` verifies the answer stayed "no".
+transformers must not take a stand-in for a real package (it would pick torchvision-backed image processors or
+torchaudio-backed feature extractors). Its probes (`is_torchvision_available`, `is_torchaudio_available`...) are
+memoized, so the launcher asks them first, while nothing by those names can be found, and only then installs the
+stand-ins. `check_probe_unchanged` verifies every answer stayed "no".
 
 Usage: python tests/comfyui_launcher.py COMFYUI_DIR [ComfyUI's main.py arguments...]
-When a real torchvision imports, the launcher does nothing but run ComfyUI.
+A package that really imports gets no stand-in; when both do, the launcher does nothing but run ComfyUI.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ import runpy
 import sys
 import types
 
-STAND_IN = "torchvision"
+STAND_INS = ("torchvision", "torchaudio")  # packages ComfyUI's core imports that have no CPU build here
+# transformers' memoized probes for them, asked before a stand-in exists (each must keep answering "no")
+TRANSFORMERS_PROBES = ("is_torchvision_available", "is_torchvision_v2_available", "is_torchaudio_available")
 
 
 class StandInAttributeError(AttributeError):
@@ -35,13 +40,17 @@ class _StandInModule(types.ModuleType):
     def __getattr__(self, name):
         if name.startswith("__"):
             raise AttributeError(name)
-        raise StandInAttributeError(f"{self.__name__}.{name}: torchvision is a test stand-in here (no CPU build of "
-                                    "torchvision loads beside this torch); this code path needs the real package.")
+        package = self.__name__.partition(".")[0]
+        raise StandInAttributeError(f"{self.__name__}.{name}: {package} is a test stand-in here (no CPU build of "
+                                    f"{package} loads beside this torch); this code path needs the real package.")
 
 
 class _StandInFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def __init__(self, packages):
+        self.packages = tuple(packages)
+
     def find_spec(self, fullname, path=None, target=None):
-        if fullname == STAND_IN or fullname.startswith(STAND_IN + "."):
+        if any(fullname == name or fullname.startswith(name + ".") for name in self.packages):
             return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
         return None
 
@@ -56,43 +65,47 @@ class _StandInFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
             setattr(sys.modules[parent], child, module)
 
 
-def real_torchvision_importable() -> bool:
+def really_importable(package: str) -> bool:
     try:
-        import torchvision  # noqa: F401
+        importlib.import_module(package)
     except Exception:
-        sys.modules.pop(STAND_IN, None)
+        for name in [n for n in sys.modules if n == package or n.startswith(package + ".")]:
+            sys.modules.pop(name, None)
         return False
     return True
 
 
-def install_stand_in() -> bool:
-    """Install the stand-in unless a real torchvision loads. Returns True when the stand-in is in place."""
-    if real_torchvision_importable():
-        return False
+def install_stand_in() -> tuple[str, ...]:
+    """Install stand-ins for the packages of STAND_INS that do not really import. Returns those packages."""
+    missing = tuple(name for name in STAND_INS if not really_importable(name))
+    if not missing:
+        return ()
     if importlib.util.find_spec("transformers") is not None:
         from transformers.utils import import_utils
 
-        # Memoize transformers' answer ("not installed") before anything named torchvision can be found.
-        import_utils.is_torchvision_available()
-        import_utils.is_torchvision_v2_available()
-    sys.meta_path.insert(0, _StandInFinder())
-    return True
+        # Memoize transformers' answers ("not installed") before anything by these names can be found.
+        for probe in TRANSFORMERS_PROBES:
+            getattr(import_utils, probe)()
+    sys.meta_path.insert(0, _StandInFinder(missing))
+    return missing
 
 
-def check_probe_unchanged() -> bool:
-    """True when transformers still believes torchvision is absent (or transformers is not installed)."""
+def check_probe_unchanged(stand_ins: tuple[str, ...] = STAND_INS) -> bool:
+    """True when transformers still believes every stand-in package is absent (or transformers is not installed)."""
     if importlib.util.find_spec("transformers") is None:
         return True
     from transformers.utils import import_utils
 
-    return not import_utils.is_torchvision_available() and not import_utils.is_torchvision_v2_available()
+    answers = {probe: getattr(import_utils, probe)() for probe in TRANSFORMERS_PROBES}
+    return not any(seen for probe, seen in answers.items() if any(name in probe for name in stand_ins))
 
 
 def main(argv: list[str]) -> None:
     comfyui_dir, *comfy_args = argv
-    stand_in = install_stand_in()
-    if stand_in and not check_probe_unchanged():
-        raise SystemExit("comfyui_launcher: transformers would take the torchvision stand-in for a real install")
+    stand_ins = install_stand_in()
+    if stand_ins and not check_probe_unchanged(stand_ins):
+        raise SystemExit(f"comfyui_launcher: transformers would take a stand-in ({', '.join(stand_ins)}) for a "
+                         "real install")
     os.chdir(comfyui_dir)
     sys.path.insert(0, comfyui_dir)
     sys.argv = [os.path.join(comfyui_dir, "main.py"), *comfy_args]
