@@ -29,6 +29,7 @@ import weakref
 from ..optim.checkpoint import return_free_heap
 from ..optim.errors import Flux2AccelError, InputError
 from ..optim.feature_api import RunReport
+from ..optim.layouts import transformer_bfl_shapes
 from ..optim.store import STORE
 from ..optim.native_forward import NativeFlux2
 from ..optim.sampling import SamplingParams
@@ -47,6 +48,7 @@ _MANAGED: dict = {}  # base key -> patcher, for transformers the pack's own samp
 def _comfy():
     try:
         import comfy.model_base
+        import comfy.model_detection
         import comfy.model_management
         import comfy.model_patcher
         import comfy.patcher_extension
@@ -168,6 +170,21 @@ def _outer_sample(handle):
     return wrapper
 
 
+def flux2_model_config(transformer):
+    """ComfyUI's FLUX.2 model config (comfy.supported_models.Flux2) for the transformer, made by ComfyUI's own model
+    detection from the names and shapes a BFL-layout checkpoint of it would hold (meta tensors, no memory). So the
+    config carries every key the running ComfyUI version reads (0.33 added hidden_size to its memory estimate),
+    with this model's sizes. ComfyUI does not build its own network for it: the pack's module is the model."""
+    comfy = _comfy()
+    model_config = comfy.model_detection.model_config_from_unet(transformer_bfl_shapes(transformer), "")
+    if model_config is None or model_config.unet_config.get("image_model") != "flux2":
+        found = "nothing" if model_config is None else f"'{model_config.unet_config.get('image_model')}'"
+        raise Flux2AccelError(f"ComfyUI's model detection finds {found} in this transformer, not FLUX.2 "
+                              f"({type(transformer).__name__}): this ComfyUI cannot run it as a FLUX.2 MODEL.")
+    model_config.unet_config["disable_unet_model_creation"] = True  # ComfyUI's switch for externally built models
+    return model_config
+
+
 def native_patcher(handle, transformer=None):
     """A MODEL (ModelPatcher) for the handle's transformer: ComfyUI's FLUX.2 model around the pack's weights."""
     comfy = _comfy()
@@ -176,10 +193,8 @@ def native_patcher(handle, transformer=None):
         _HEAP_RETURNED.add(transformer)
         weakref.finalize(transformer, return_free_heap)
     module = ComfyNativeFlux2(transformer)
+    model_config = flux2_model_config(transformer)
     channels = transformer.config.in_channels
-    unet_config = {"image_model": "flux2", "disable_unet_model_creation": True, "in_channels": channels,
-                   "out_channels": transformer.config.out_channels or channels}
-    model_config = comfy.supported_models.Flux2(unet_config)
     model_config.set_inference_dtype(module.dtype, None)
     latent_format = model_config.latent_format
     if latent_format.latent_channels != channels:  # small test models: ComfyUI sizes empty latents by this

@@ -7,11 +7,15 @@ Layouts seen in circulation:
   or `language_model.model.*`).
 
 Conversion itself is diffusers' own (`convert_flux2_transformer_checkpoint_to_diffusers`, `convert_ldm_vae_checkpoint`).
+The other way, diffusers to BFL (`transformer_to_bfl`), is the pack's: diffusers has none. It describes a loaded
+transformer to ComfyUI (`transformer_bfl_shapes`) and writes the tests' BFL checkpoints.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import torch
 
 from .checkpoint import Checkpoint
 from .errors import ModelFileError
@@ -95,6 +99,80 @@ def transformer_to_diffusers(state_dict: dict, layout: Layout) -> dict:
     if layout.layout == "bfl":
         sd = convert_flux2_transformer_checkpoint_to_diffusers(sd)
     return sd
+
+
+_BFL_RENAMES = {
+    "x_embedder": "img_in", "context_embedder": "txt_in",
+    "time_guidance_embed.timestep_embedder.linear_1": "time_in.in_layer",
+    "time_guidance_embed.timestep_embedder.linear_2": "time_in.out_layer",
+    "time_guidance_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+    "time_guidance_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+    "double_stream_modulation_img.linear": "double_stream_modulation_img.lin",
+    "double_stream_modulation_txt.linear": "double_stream_modulation_txt.lin",
+    "single_stream_modulation.linear": "single_stream_modulation.lin", "proj_out": "final_layer.linear",
+}
+_BFL_DOUBLE = {"attn.norm_q.weight": "img_attn.norm.query_norm.scale",
+               "attn.norm_k.weight": "img_attn.norm.key_norm.scale",
+               "attn.norm_added_q.weight": "txt_attn.norm.query_norm.scale",
+               "attn.norm_added_k.weight": "txt_attn.norm.key_norm.scale",
+               "attn.to_out.0.weight": "img_attn.proj.weight", "attn.to_add_out.weight": "txt_attn.proj.weight",
+               "ff.linear_in.weight": "img_mlp.0.weight", "ff.linear_out.weight": "img_mlp.2.weight",
+               "ff_context.linear_in.weight": "txt_mlp.0.weight", "ff_context.linear_out.weight": "txt_mlp.2.weight"}
+_BFL_SINGLE = {"attn.to_qkv_mlp_proj.weight": "linear1.weight", "attn.to_out.weight": "linear2.weight",
+               "attn.norm_q.weight": "norm.query_norm.scale", "attn.norm_k.weight": "norm.key_norm.scale"}
+
+
+def transformer_to_bfl(sd: dict, num_layers: int, num_single_layers: int) -> dict:
+    """A diffusers-layout FLUX.2 transformer state dict in BFL's layout (the inverse of diffusers' conversion, which
+    `transformer_to_diffusers` uses). Works on meta tensors too: names and shapes without the weights."""
+    out = {}
+    for k, v in sd.items():
+        if k.startswith(("transformer_blocks", "single_transformer_blocks")):
+            continue
+        if k == "norm_out.linear.weight":
+            scale, shift = v.chunk(2, 0)
+            out["final_layer.adaLN_modulation.1.weight"] = torch.cat([shift, scale])
+            continue
+        for a, b in _BFL_RENAMES.items():
+            k = k.replace(a, b)
+        out[k] = v
+    for i in range(num_layers):
+        p, q = f"transformer_blocks.{i}.", f"double_blocks.{i}."
+        out[q + "img_attn.qkv.weight"] = torch.cat([sd[p + f"attn.to_{x}.weight"] for x in "qkv"])
+        out[q + "txt_attn.qkv.weight"] = torch.cat([sd[p + f"attn.add_{x}_proj.weight"] for x in "qkv"])
+        for a, b in _BFL_DOUBLE.items():
+            out[q + b] = sd[p + a]
+    for i in range(num_single_layers):
+        p, q = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
+        for a, b in _BFL_SINGLE.items():
+            out[q + b] = sd[p + a]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+_WRAPPER_NAMES = (".base_layer",)  # peft's LoRA wrapper around a layer: the layer's own weights are beneath it
+
+
+def transformer_bfl_shapes(transformer: torch.nn.Module) -> dict:
+    """The transformer's weights as BFL's layout names them, as meta tensors of their unquantized shapes (no
+    memory): what a BFL-layout FLUX.2 checkpoint of this model would hold, for code that identifies a model from
+    its checkpoint's names and shapes (ComfyUI's model detection). Quantized layers (nf4 packs its weight, fp8
+    keeps a scale beside it) and peft's LoRA layers give their layer's logical weight, (out_features, in_features)."""
+    sd = {}
+    for name, module in transformer.named_modules():
+        if "lora_" in name:
+            continue
+        for wrapper in _WRAPPER_NAMES:
+            name = name.replace(wrapper, "")
+        for kind in ("weight", "bias"):
+            tensor = module._parameters.get(kind, module._buffers.get(kind))
+            if tensor is None:
+                continue
+            shape = tensor.shape
+            if kind == "weight" and hasattr(module, "in_features") and hasattr(module, "out_features"):
+                shape = (module.out_features, module.in_features)
+            sd[f"{name}.{kind}" if name else kind] = torch.empty(shape, dtype=tensor.dtype, device="meta")
+    config = transformer.config
+    return transformer_to_bfl(sd, config.num_layers, config.num_single_layers)
 
 
 def vae_to_diffusers(state_dict: dict, layout: Layout, config: dict) -> dict:

@@ -11,51 +11,12 @@ import json
 
 import torch
 
+from flux2_accel.optim import layouts
+
 TEKKEN_SPECIALS = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "<pad>"]
 
-_RENAMES = {
-    "x_embedder": "img_in", "context_embedder": "txt_in",
-    "time_guidance_embed.timestep_embedder.linear_1": "time_in.in_layer",
-    "time_guidance_embed.timestep_embedder.linear_2": "time_in.out_layer",
-    "time_guidance_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
-    "time_guidance_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
-    "double_stream_modulation_img.linear": "double_stream_modulation_img.lin",
-    "double_stream_modulation_txt.linear": "double_stream_modulation_txt.lin",
-    "single_stream_modulation.linear": "single_stream_modulation.lin", "proj_out": "final_layer.linear",
-}
-_DOUBLE = {"attn.norm_q.weight": "img_attn.norm.query_norm.scale", "attn.norm_k.weight": "img_attn.norm.key_norm.scale",
-           "attn.norm_added_q.weight": "txt_attn.norm.query_norm.scale",
-           "attn.norm_added_k.weight": "txt_attn.norm.key_norm.scale",
-           "attn.to_out.0.weight": "img_attn.proj.weight", "attn.to_add_out.weight": "txt_attn.proj.weight",
-           "ff.linear_in.weight": "img_mlp.0.weight", "ff.linear_out.weight": "img_mlp.2.weight",
-           "ff_context.linear_in.weight": "txt_mlp.0.weight", "ff_context.linear_out.weight": "txt_mlp.2.weight"}
-_SINGLE = {"attn.to_qkv_mlp_proj.weight": "linear1.weight", "attn.to_out.weight": "linear2.weight",
-           "attn.norm_q.weight": "norm.query_norm.scale", "attn.norm_k.weight": "norm.key_norm.scale"}
-
-
-def transformer_to_bfl(sd: dict, num_layers: int, num_single_layers: int) -> dict:
-    out = {}
-    for k, v in sd.items():
-        if k.startswith(("transformer_blocks", "single_transformer_blocks")):
-            continue
-        if k == "norm_out.linear.weight":
-            scale, shift = v.chunk(2, 0)
-            out["final_layer.adaLN_modulation.1.weight"] = torch.cat([shift, scale])
-            continue
-        for a, b in _RENAMES.items():
-            k = k.replace(a, b)
-        out[k] = v
-    for i in range(num_layers):
-        p, q = f"transformer_blocks.{i}.", f"double_blocks.{i}."
-        out[q + "img_attn.qkv.weight"] = torch.cat([sd[p + f"attn.to_{x}.weight"] for x in "qkv"])
-        out[q + "txt_attn.qkv.weight"] = torch.cat([sd[p + f"attn.add_{x}_proj.weight"] for x in "qkv"])
-        for a, b in _DOUBLE.items():
-            out[q + b] = sd[p + a]
-    for i in range(num_single_layers):
-        p, q = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
-        for a, b in _SINGLE.items():
-            out[q + b] = sd[p + a]
-    return {k: v.contiguous() for k, v in out.items()}
+# The BFL transformer writer is the pack's own (optim/layouts.py), also used to describe a model to ComfyUI.
+transformer_to_bfl = layouts.transformer_to_bfl
 
 
 def vae_to_ldm(sd: dict, num_blocks: int) -> dict:
