@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from test_comfyui_real import COMFYUI_DIR, comfyui  # noqa: F401  (comfyui is a fixture)
+from test_comfyui_real import COMFYUI_DIR, TINY_FILES, comfyui  # noqa: F401  (comfyui is a fixture)
 
 if not COMFYUI_DIR:  # both are prerequisites of a real-ComfyUI test; CI has neither
     pytest.skip("set COMFYUI_DIR to run the frontend in a real ComfyUI", allow_module_level=True)
@@ -86,6 +86,9 @@ def _tiny_ui(name: str) -> dict:
     """A shipped UI workflow with the tiny models picked and a 64x48, 2-step sampler."""
     workflow = json.loads((ROOT / "workflows" / f"{name}.json").read_text())
     for node in workflow["nodes"]:
+        if isinstance(node.get("widgets_values"), list):  # every model file (LoRAs too) -> the fixture's stand-in
+            node["widgets_values"] = [TINY_FILES.get(v, v) if isinstance(v, str) else v
+                                      for v in node["widgets_values"]]
         if node["type"] in TINY:
             node["widgets_values"][0] = TINY[node["type"]][1]
         if node["type"] == "Flux2AccelSampler":
@@ -116,7 +119,9 @@ def test_every_ui_workflow_loads_without_missing_nodes_or_errors(page):
     known = set(info) | ({"Note", "MarkdownNote"} & registered)
     for path in UI_WORKFLOWS:
         since = len(page.console_errors)
-        _load(page, json.loads(path.read_text()))
+        # With the tiny models picked: frontend 1.49 (ComfyUI 0.33) flags a loader whose file is not installed,
+        # which the shipped names (FLUX.2's real files) are not here.
+        _load(page, _tiny_ui(path.stem))
         types = page.evaluate("() => app.graph.nodes.map((n) => [n.type, !!n.has_errors])")
         assert types and all(t in known for t, _ in types), (path.name, [t for t, _ in types if t not in known])
         assert not any(broken for _, broken in types), (path.name, types)
