@@ -68,6 +68,8 @@ def load_workflow(path: str) -> dict:
         graph = json.loads(p.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InputError(f"workflow file '{path}' is not readable JSON: {e}") from None
+    except RecursionError:
+        raise InputError(f"workflow file '{path}' nests its JSON too deeply to be a workflow") from None
     if isinstance(graph, dict) and "nodes" in graph and "links" in graph:
         raise InputError(f"'{path}' is a UI-format workflow (it has 'nodes' and 'links'); the API needs the API "
                          "format: in ComfyUI use Workflow > Export (API), or take the pack's workflows/*_api.json")
@@ -83,7 +85,7 @@ def parse_value(text: str):
     """JSON when it parses (42, 1.5, true, [1, 2], "quoted"), else the text itself."""
     try:
         return json.loads(text)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return text
 
 
@@ -312,7 +314,7 @@ async def _wait_for(ws, prompt_id: str, view: ProgressView) -> str | None:
         try:
             message = json.loads(msg.data)
             kind, data = message["type"], message.get("data") or {}
-        except (json.JSONDecodeError, KeyError, TypeError):
+        except (json.JSONDecodeError, RecursionError, KeyError, TypeError):
             continue  # not ours to judge: other extensions send their own messages
         if not isinstance(data, dict) or data.get("prompt_id", prompt_id) != prompt_id:
             continue

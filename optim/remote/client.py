@@ -243,7 +243,7 @@ def setting_from_settings_file(path, key: str):
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f).get(key)
-    except (OSError, ValueError, AttributeError) as e:
+    except (OSError, ValueError, AttributeError, RecursionError) as e:
         log.warning("flux2-accel: could not read ComfyUI settings %s (%s)", path, type(e).__name__)
         return None
 
@@ -458,7 +458,7 @@ class RemoteTextEncoder:
             payload = json.loads(text)
             if isinstance(payload, dict):
                 text = str(payload.get("error") or payload.get("detail") or payload.get("message") or text)
-        except ValueError:
+        except (ValueError, RecursionError):
             pass
         text = " ".join(text.split())[:300]
         return self._mask(text)
