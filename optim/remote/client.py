@@ -27,6 +27,7 @@ import http.client
 import ipaddress
 import json
 import logging
+import math
 import os
 import re
 import socket
@@ -375,6 +376,10 @@ class RemoteTextEncoder:
 
     def __init__(self, config: RemoteEncoderConfig, cache: EmbeddingCache | None = None):
         validate_url(config.url)
+        for name, value in (("timeout", config.read_timeout), ("connect timeout", config.connect_timeout)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value <= 0:
+                raise InputError(f"{name} {value!r}: give a number of seconds above 0.")
         self.config = config
         self.cache = cache
         self.url = safe_url(config.url)
@@ -435,6 +440,8 @@ class RemoteTextEncoder:
         want = f"[{batch}, 512, {width}]" if width else f"[{batch}, L, D]"
         if embeds.dim() != 3 or embeds.shape[0] != batch:
             return f"embeddings of shape {tuple(embeds.shape)}, expected {want} ({batch} prompt(s))"
+        if 0 in embeds.shape:
+            return f"empty embeddings of shape {tuple(embeds.shape)} (0 tokens or width 0), expected {want}"
         if embeds.dtype not in FLOAT_DTYPES:
             return f"embeddings of dtype {embeds.dtype}, expected one of float32, bfloat16, float16"
         if width and embeds.shape[-1] != width:
