@@ -33,3 +33,24 @@ def test_remote_timeout_must_be_positive_seconds(field, value):
     name = "timeout" if field == "read_timeout" else "connect timeout"
     with pytest.raises(InputError, match=f"^{name} "):
         RemoteTextEncoder(RemoteEncoderConfig(url="http://127.0.0.1:9/predict", **{field: value}))
+
+
+def _png_header_claiming(tmp_path, width: int, height: int):
+    """A valid PNG signature and IHDR claiming width x height, with no pixel data (a decompression bomb's header)."""
+    import struct
+    import zlib
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = struct.pack(">I", len(ihdr)) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    path = tmp_path / f"claims_{width}x{height}.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk)
+    return path
+
+
+@pytest.mark.parametrize("width, height", [(100_000, 100_000), (20_000, 20_000), (8193, 8192), (1, 70_000_000)])
+def test_reference_images_are_decoded_with_bounds(tmp_path, width, height):
+    from flux2_accel.optim.generate import _open_references
+
+    path = _png_header_claiming(tmp_path, width, height)
+    with pytest.raises(InputError, match=re.escape(f"--reference '{path}'")):
+        _open_references([str(path)])
