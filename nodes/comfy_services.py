@@ -26,6 +26,46 @@ IN_COMFYUI = _folder_paths is not None
 _FALLBACK_ENV = "FLUX2_ACCEL_MODELS_DIR"
 
 
+# A model folder walk follows symlinks (shared model stores are linked in) but never loops: each real folder is
+# entered once, and depth and folder count are bounded, so a link cycle cannot freeze ComfyUI's start-up.
+WALK_MAX_DEPTH = 16
+WALK_MAX_FOLDERS = 10_000
+
+
+def walk_model_folder(root: str):
+    """(folder relative to root, file names, sub-folder names) for each real folder under `root`, once each.
+    A caller may prune by editing the sub-folder list in place, as with os.walk."""
+    seen: set[str] = set()
+    pending = [(os.path.abspath(root), ".", 0)]
+    while pending:
+        path, rel, depth = pending.pop()
+        real = os.path.realpath(path)
+        if real in seen:
+            continue
+        if len(seen) >= WALK_MAX_FOLDERS:
+            log.warning("flux2-accel: stopped listing '%s' after %d folders; the rest is not shown", root,
+                        WALK_MAX_FOLDERS)
+            return
+        seen.add(real)
+        try:
+            entries = sorted(os.scandir(path), key=lambda e: e.name)
+        except OSError:
+            continue
+        folders, files = [], []
+        for entry in entries:
+            try:
+                (folders if entry.is_dir() else files).append(entry.name)
+            except OSError:  # a dangling link or an entry that vanished
+                continue
+        yield rel, files, folders
+        if depth + 1 > WALK_MAX_DEPTH:
+            if folders:
+                log.warning("flux2-accel: not listing below '%s' (more than %d folders deep)", path, WALK_MAX_DEPTH)
+            continue
+        for name in reversed(folders):
+            pending.append((os.path.join(path, name), name if rel == "." else os.path.join(rel, name), depth + 1))
+
+
 def list_models(folder_name: str) -> list[str]:
     """File names in one of ComfyUI's model folders (e.g. "diffusion_models"), sorted."""
     if _folder_paths is not None:
@@ -36,12 +76,9 @@ def list_models(folder_name: str) -> list[str]:
     root = os.environ.get(_FALLBACK_ENV)
     if not root or not os.path.isdir(os.path.join(root, folder_name)):
         return []
-    base = os.path.join(root, folder_name)
     out = []
-    for dirpath, dirnames, filenames in os.walk(base, followlinks=True):
-        rel = os.path.relpath(dirpath, base)
-        for f in filenames:
-            out.append(f if rel == "." else os.path.join(rel, f))
+    for rel, files, _ in walk_model_folder(os.path.join(root, folder_name)):
+        out.extend(f if rel == "." else os.path.join(rel, f) for f in files)
     return sorted(out)
 
 
@@ -53,10 +90,11 @@ def list_diffusers_folders() -> list[str]:
     for root in roots:
         if not os.path.isdir(root):
             continue
-        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-            if "model_index.json" in filenames or "config.json" in filenames:
-                found.add(os.path.relpath(dirpath, root))
-                dirnames[:] = [] if "model_index.json" in filenames else dirnames
+        for rel, files, folders in walk_model_folder(root):
+            if "model_index.json" in files or "config.json" in files:
+                found.add(rel)
+                if "model_index.json" in files:  # a pipeline: its components are not offered on their own
+                    folders.clear()
     return sorted(found)
 
 

@@ -93,6 +93,9 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
             header = json.loads(f.read(header_len))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ModelFileError(f"'{path.name}' has a corrupt safetensors header: {e}.") from e
+        except RecursionError:  # a header nested thousands deep: no safetensors writer makes one
+            raise ModelFileError(f"'{path.name}' has a corrupt safetensors header: its JSON nests too deeply "
+                                 "to be a tensor index.") from None
     if not isinstance(header, dict):
         raise ModelFileError(f"'{path.name}' has a corrupt safetensors header (not a JSON object).")
     metadata = header.pop("__metadata__", None) or {}
@@ -160,6 +163,9 @@ def read_json_object(path: str | os.PathLike) -> dict:
         value = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ModelFileError(f"'{path}' is missing; the model folder is incomplete.") from None
+    except RecursionError:
+        raise ModelFileError(f"'{path}' nests its JSON too deeply to be a model config; the model folder is "
+                             "damaged. Download the folder again.") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ModelFileError(f"'{path}' is not valid JSON ({e}); the model folder is damaged. "
                              "Download the folder again.") from None

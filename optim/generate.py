@@ -7,6 +7,7 @@ from pathlib import Path
 
 from . import cli_args
 from .errors import InputError
+from .images import open_image
 
 
 def add_arguments(p) -> None:
@@ -22,14 +23,7 @@ def add_arguments(p) -> None:
 
 
 def _open_references(paths: list[str]):
-    from PIL import Image, UnidentifiedImageError
-
-    images = []
-    for path in paths:
-        try:
-            images.append(Image.open(path).convert("RGB"))
-        except (OSError, UnidentifiedImageError) as e:
-            raise InputError(f"--reference '{path}' is not a readable image ({e}).") from None
+    images = [open_image(path, f"--reference '{path}'") for path in paths]
     return images or None
 
 

@@ -99,6 +99,7 @@ def _build_from_state_dict(cls_or_factory, config, state_dict: dict, dtype, name
     if unexpected:
         raise ModelFileError(f"'{name}' has {len(unexpected)} tensors this model does not use "
                              f"(e.g. {', '.join(unexpected[:3])}).")
+    _refuse_non_float_weights(model, state_dict, name)
     mapped = MappedCheckpoints.snapshot()
     cast = {}
     for k, v in state_dict.items():
@@ -110,6 +111,21 @@ def _build_from_state_dict(cls_or_factory, config, state_dict: dict, dtype, name
             cast[k] = v
     model.load_state_dict(cast, strict=True, assign=True)
     return model.eval().requires_grad_(False)
+
+
+_FLOAT_WEIGHT_DTYPES = "float32, float16, bfloat16, float8_e4m3fn or float8_e5m2"
+
+
+def _refuse_non_float_weights(model, state_dict: dict, name: str) -> None:
+    """A weight the model holds in floating point must be stored in floating point: torch would copy an integer or
+    bool tensor into it without a word (a `load_state_dict` RuntimeError at best, a model of rounded weights at
+    worst). Quantized layouts the model was adapted to (nf4 bytes, fp8 scales) expect their stored dtypes."""
+    for key, expected in model.state_dict().items():
+        value = state_dict.get(key)
+        if expected.is_floating_point() and torch.is_tensor(value) and not value.is_floating_point():
+            raise ModelFileError(f"'{name}': tensor '{key}' is stored as {str(value.dtype).removeprefix('torch.')}; "
+                                 f"model weights must be {_FLOAT_WEIGHT_DTYPES}. The file is damaged or not a "
+                                 "model checkpoint.")
 
 
 def _open_file(path: Path, component: str) -> tuple[Checkpoint, layouts.Layout]:

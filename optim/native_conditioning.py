@@ -53,6 +53,9 @@ def from_native(conditioning, field_name: str = "conditioning") -> Flux2Conditio
     if not torch.is_tensor(embeds) or embeds.ndim != 3 or not embeds.is_floating_point():
         shape = tuple(embeds.shape) if torch.is_tensor(embeds) else type(embeds).__name__
         raise InputError(f"{field_name} holds {shape}; FLUX.2 text embeddings are [batch, tokens, width] floats.")
+    if 0 in embeds.shape:  # padding would turn it into 512 zero tokens: a prompt of nothing, with no word
+        raise InputError(f"{field_name} holds no embeddings (shape {tuple(embeds.shape)}): the text encoder that "
+                         "produced it returned 0 tokens, prompts or width. Encode the prompt again.")
     extra = sorted(k for k, v in options.items() if k not in IGNORED_KEYS and v is not None)
     if extra:
         hints = "; ".join(ADVICE[k] for k in extra if k in ADVICE)

@@ -63,7 +63,7 @@ def _comfy_format(state_dict: dict, base: str, name: str) -> str | None:
         return None
     try:
         return str(json.loads(bytes(tensor.to(torch.uint8).tolist()).decode("utf-8")).get("format", ""))
-    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError, ValueError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError, ValueError, RecursionError) as e:
         raise ModelFileError(f"'{name}': tensor '{base}.comfy_quant' is not the JSON ComfyUI writes ({e}); "
                              "the file is corrupt.") from None
 
@@ -326,7 +326,7 @@ def load_bnb_4bit_transformer(folder: Path, dtype=torch.bfloat16):
     from accelerate import init_empty_weights
     from diffusers import Flux2Transformer2DModel
 
-    config = json.loads((folder / "config.json").read_text())
+    config = read_json_object(folder / "config.json")
     config.pop("quantization_config", None)
     with init_empty_weights():
         model = Flux2Transformer2DModel.from_config(config)

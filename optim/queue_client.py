@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
 import sys
 import time
@@ -28,6 +29,9 @@ from urllib.parse import urlsplit
 from .errors import Flux2AccelError, InputError
 
 DEFAULT_SERVER = "http://127.0.0.1:8188"
+# The deadline of each HTTP exchange (connect, send, headers, whole body) when --timeout is 0 (a prompt may run as
+# long as it needs, but a request that is answered at all is answered in seconds).
+DEFAULT_REQUEST_DEADLINE_S = 60.0
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 _SET_SYNTAX = "NODE_ID.input=value"
 
@@ -47,7 +51,9 @@ def add_arguments(p) -> None:
     p.add_argument("--output", "-o", default=".", metavar="OUTDIR",
                    help="folder for the output images, saved as <prompt id>_<node id>_<n>.<ext> (default: .)")
     p.add_argument("--timeout", type=float, default=0, metavar="SECONDS",
-                   help="give up on a prompt after this long (default 0: wait as long as it runs)")
+                   help="give up on a prompt after this long; each HTTP request to ComfyUI (its whole exchange: "
+                        "connect, headers, body) also gets this deadline (default 0: wait as long as a prompt "
+                        f"runs, {DEFAULT_REQUEST_DEADLINE_S:g} s per request)")
 
 
 # ---------------------------------------------------------------- the graph and --set
@@ -62,6 +68,8 @@ def load_workflow(path: str) -> dict:
         graph = json.loads(p.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InputError(f"workflow file '{path}' is not readable JSON: {e}") from None
+    except RecursionError:
+        raise InputError(f"workflow file '{path}' nests its JSON too deeply to be a workflow") from None
     if isinstance(graph, dict) and "nodes" in graph and "links" in graph:
         raise InputError(f"'{path}' is a UI-format workflow (it has 'nodes' and 'links'); the API needs the API "
                          "format: in ComfyUI use Workflow > Export (API), or take the pack's workflows/*_api.json")
@@ -77,7 +85,7 @@ def parse_value(text: str):
     """JSON when it parses (42, 1.5, true, [1, 2], "quoted"), else the text itself."""
     try:
         return json.loads(text)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return text
 
 
@@ -174,27 +182,55 @@ def _output_images(entry: dict):
 
 
 class Client:
-    def __init__(self, session, base: str, client_id: str):
-        self.session, self.base, self.client_id = session, base, client_id
+    """ComfyUI's HTTP API. Every exchange (connect, send, headers and the whole body) has one deadline,
+    `deadline` seconds, so a server that stalls at any step, or drips its reply, cannot hold the client."""
+
+    def __init__(self, session, base: str, client_id: str, deadline: float = DEFAULT_REQUEST_DEADLINE_S):
+        self.session, self.base, self.client_id, self.deadline = session, base, client_id, deadline
+
+    async def within_deadline(self, step: str, exchange):
+        """Await `exchange` (a coroutine doing one whole request); QueueError naming the server and `step` if it
+        takes longer than the deadline, or if the connection fails."""
+        import aiohttp
+
+        try:
+            return await asyncio.wait_for(exchange, self.deadline)
+        except asyncio.TimeoutError:
+            raise QueueError(f"ComfyUI at {self.base} did not answer {step} within {self.deadline:g} s "
+                             "(--timeout): is the server stuck or overloaded?") from None
+        except aiohttp.ClientError as e:
+            raise QueueError(f"ComfyUI at {self.base} is not reachable ({step}: {e}): start it, or pass "
+                             "--server") from None
 
     async def _json(self, method: str, path: str, **kwargs):
         import aiohttp
 
-        try:
+        async def exchange():
             async with self.session.request(method, self.base + path, **kwargs) as reply:
                 try:
                     body = await reply.json(content_type=None)
-                except (json.JSONDecodeError, UnicodeDecodeError, aiohttp.ContentTypeError):
+                except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, aiohttp.ContentTypeError):
                     raise QueueError(f"{self.base}{path} answered HTTP {reply.status} with something that is not "
                                      "JSON: is this ComfyUI?") from None
                 return reply.status, body
-        except aiohttp.ClientError as e:
-            raise QueueError(f"ComfyUI at {self.base} is not reachable ({e}): start it, or pass --server") from None
+
+        return await self.within_deadline(f"{method} {path}", exchange())
 
     async def check_server(self) -> None:
         status, body = await self._json("GET", "/system_stats")
         if status != 200 or not isinstance(body, dict) or "system" not in body:
             raise QueueError(f"{self.base} does not look like ComfyUI (GET /system_stats answered HTTP {status})")
+
+    async def connect_websocket(self):
+        import aiohttp
+
+        url = _ws_url(self.base, self.client_id)
+        try:
+            # ws_close: leaving (after an error, too) waits at most this long for the server's close frame
+            return await self.within_deadline("the websocket /ws handshake", self.session.ws_connect(
+                url, heartbeat=30, max_msg_size=0, timeout=aiohttp.ClientWSTimeout(ws_close=min(self.deadline, 5))))
+        except aiohttp.WSServerHandshakeError as e:
+            raise QueueError(f"ComfyUI at {self.base} refused its websocket /ws ({e})") from None
 
     async def queue(self, graph: dict) -> tuple[str | None, str | None]:
         """(prompt_id, None) once queued, or (None, lines naming each invalid node) on HTTP 400."""
@@ -219,17 +255,16 @@ class Client:
         raise QueueError(f"prompt {prompt_id} finished but ComfyUI's /history has no entry for it")
 
     async def image(self, image: dict) -> bytes:
-        import aiohttp
-
         params = {"filename": image["filename"], "subfolder": image.get("subfolder", ""),
                   "type": image.get("type", "output")}
-        try:
+
+        async def exchange():
             async with self.session.get(self.base + "/view", params=params) as reply:
                 if reply.status != 200:
                     raise QueueError(f"GET {self.base}/view for '{image['filename']}' answered HTTP {reply.status}")
                 return await reply.read()
-        except aiohttp.ClientError as e:
-            raise QueueError(f"ComfyUI at {self.base} stopped answering ({e})") from None
+
+        return await self.within_deadline(f"GET /view for '{image['filename']}'", exchange())
 
 
 class ProgressView:
@@ -279,7 +314,7 @@ async def _wait_for(ws, prompt_id: str, view: ProgressView) -> str | None:
         try:
             message = json.loads(msg.data)
             kind, data = message["type"], message.get("data") or {}
-        except (json.JSONDecodeError, KeyError, TypeError):
+        except (json.JSONDecodeError, RecursionError, KeyError, TypeError):
             continue  # not ours to judge: other extensions send their own messages
         if not isinstance(data, dict) or data.get("prompt_id", prompt_id) != prompt_id:
             continue
@@ -336,13 +371,11 @@ async def queue_workflow(base: str, graph: dict, repeat: int, out_dir: Path, tim
 
     client_id = uuid.uuid4().hex
     results = []
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=10)) as session:
-        client = Client(session, base, client_id)
+    deadline = timeout if timeout > 0 else DEFAULT_REQUEST_DEADLINE_S
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session:
+        client = Client(session, base, client_id, deadline)
         await client.check_server()
-        try:
-            ws = await session.ws_connect(_ws_url(base, client_id), heartbeat=30, max_msg_size=0)
-        except (aiohttp.ClientError, aiohttp.WSServerHandshakeError) as e:
-            raise QueueError(f"ComfyUI at {base} refused its websocket /ws ({e})") from None
+        ws = await client.connect_websocket()
         async with ws:
             for n in range(repeat):
                 label = f"[{n + 1}/{repeat}]" if repeat > 1 else "prompt"
@@ -358,6 +391,8 @@ async def queue_workflow(base: str, graph: dict, repeat: int, out_dir: Path, tim
 def run(args) -> int:
     if args.repeat < 1:
         raise InputError(f"--repeat {args.repeat}: give 1 or more")
+    if not math.isfinite(args.timeout) or args.timeout < 0:
+        raise InputError(f"--timeout {args.timeout}: give seconds, 0 or more (0: no limit on a prompt's run)")
     base = _base_url(args.server)
     graph = apply_sets(load_workflow(args.workflow), args.sets)
     results = asyncio.run(queue_workflow(base, graph, args.repeat, Path(args.output), args.timeout))

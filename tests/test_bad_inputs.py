@@ -48,6 +48,29 @@ def _raw_safetensors(path: Path, header: dict, data: bytes = b"\0" * 16) -> Path
     return path
 
 
+def _deep_header(path: Path, where: str) -> Path:
+    """A safetensors file whose header JSON nests 100,000 deep (`where`: in a tensor entry, the metadata, or the
+    whole header), as no writer makes one: json's parser would recurse until RecursionError."""
+    deep = "[" * 100_000 + "]" * 100_000
+    entry = '{"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}'
+    header = {"entry": '{"x_embedder.weight": {"dtype": "F32", "shape": %s, "data_offsets": [0, 16]}}' % deep,
+              "metadata": '{"__metadata__": {"a": %s}, "x_embedder.weight": %s}' % (deep, entry),
+              "whole": deep}[where].encode()
+    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 16)
+    return path
+
+
+def _with_dtype(source_key: str, key: str, dtype: torch.dtype, name: str):
+    """A copy of a tiny single file with one tensor stored as `dtype` (an integer or bool)."""
+    def build(tiny_models, tmp_path):
+        sd = load_file(str(tiny_models.files[source_key]))
+        sd[key] = sd[key].round().to(dtype)
+        path = tmp_path / name
+        save_file(sd, str(path))
+        return path
+    return build
+
+
 def _one_tensor(**entry) -> dict:
     return {"x_embedder.weight": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16], **entry}}
 
@@ -193,6 +216,32 @@ CASES = {
     "lora_alpha_metadata_infinite": Case(lambda t, p: _lora(p, "meta_inf.safetensors", metadata={
         "lora_adapter_metadata": '{"lora_alpha": Infinity, "r": 4}'}), "lora",
         r"meta_inf\.safetensors.*'lora_alpha'.*not a finite number"),
+    # 7. headers and configs nested too deep to parse (RecursionError)
+    **{f"header_nested_deep_in_{where}": Case(
+        lambda t, p, where=where: _deep_header(p / f"deep_{where}.safetensors", where), "transformer",
+        rf"deep_{where}\.safetensors' has a corrupt safetensors header: its JSON nests too deeply")
+        for where in ("entry", "metadata", "whole")},
+    "config_nested_deep": Case(_folder(lambda pipe: (pipe / "vae" / "config.json").write_text(
+        '{"a": ' + "[" * 100_000 + "]" * 100_000 + "}")), "vae", r"pipe/vae/config\.json' nests its JSON too deeply"),
+    "model_index_nested_deep": Case(_folder(lambda pipe: (pipe / "model_index.json").write_text("[" * 100_000)),
+                                    "transformer", r"pipe/model_index\.json' nests its JSON too deeply"),
+    # 8. weights and LoRA matrices stored as integers or bools
+    "transformer_weight_int32": Case(_with_dtype("dev_bfl", "img_in.weight", torch.int32, "int_w.safetensors"),
+                                     "transformer", r"int_w\.safetensors.*'x_embedder\.weight' is stored as int32; "
+                                                    r"model weights must be float32"),
+    "transformer_norm_int64": Case(_with_dtype("dev_bfl", "double_blocks.0.img_attn.norm.query_norm.scale",
+                                               torch.int64, "int_n.safetensors"), "transformer",
+                                   r"int_n\.safetensors.*'transformer_blocks\.0\.attn\.norm_q\.weight' is stored "
+                                   r"as int64"),
+    "vae_weight_bool": Case(_with_dtype("vae_ldm", "decoder.conv_in.weight", torch.bool, "bool_vae.safetensors"),
+                            "vae", r"bool_vae\.safetensors.*'decoder\.conv_in\.weight' is stored as bool"),
+    **{f"lora_{part}_{dtype}": Case(
+        lambda t, p, part=part, dtype=dtype: _lora(p, f"int_{part}.safetensors", tensors={
+            f"transformer.transformer_blocks.0.attn.to_q.lora_{part}.weight":
+                torch.ones((4, 32) if part == "A" else (32, 4), dtype=getattr(torch, dtype))}), "lora",
+        rf"int_{part}\.safetensors.*'transformer\.transformer_blocks\.0\.attn\.to_q\.lora_{part}\.weight' is stored "
+        rf"as {dtype}; LoRA matrices must be float")
+        for part, dtype in (("A", "int32"), ("B", "int64"), ("A", "uint8"))},
     "block_numbers_with_a_gap": Case(_gap_in_blocks, "transformer",
                                      r"gap\.safetensors.*single_transformer_blocks\.9999.*no tensors of block 2"),
     "folder_with_pickled_weights_only": Case(_folder(_weights_as_bin), "transformer",

@@ -116,8 +116,13 @@ def normalize(name: str, tensors: dict[str, torch.Tensor], metadata: dict | None
 
 def _check_tensor_shapes(name: str, tensors: dict) -> None:
     """What every layout's converter divides or reads a number from: no empty tensor (a rank-0 LoRA would divide
-    alpha by 0), and an alpha that is one number."""
+    alpha by 0), an alpha that is one number, and matrices in floating point (integer ones would be added to the
+    weights as whatever their bits happen to count, with no word)."""
     for key, value in tensors.items():
+        if not value.is_floating_point() and not key.endswith(".alpha"):
+            raise ModelFileError(f"LoRA '{name}': tensor '{key}' is stored as "
+                                 f"{str(value.dtype).removeprefix('torch.')}; LoRA matrices must be float32, float16 "
+                                 "or bfloat16 (only an alpha may be an integer). The file is damaged or not a LoRA.")
         if not value.numel():
             raise ModelFileError(f"LoRA '{name}': tensor '{key}' is empty (shape {tuple(value.shape)}); the file is "
                                  "damaged.")
@@ -255,7 +260,7 @@ def _metadata_scales(name: str, metadata: dict | None):
     if raw:
         try:
             packed = json.loads(raw)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, RecursionError):
             packed = None
         if not isinstance(packed, dict):
             raise ModelFileError(f"LoRA '{name}': its 'lora_adapter_metadata' header entry is not a JSON object of "

@@ -27,6 +27,7 @@ import http.client
 import ipaddress
 import json
 import logging
+import math
 import os
 import re
 import socket
@@ -243,7 +244,7 @@ def setting_from_settings_file(path, key: str):
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f).get(key)
-    except (OSError, ValueError, AttributeError) as e:
+    except (OSError, ValueError, AttributeError, RecursionError) as e:
         log.warning("flux2-accel: could not read ComfyUI settings %s (%s)", path, type(e).__name__)
         return None
 
@@ -375,6 +376,10 @@ class RemoteTextEncoder:
 
     def __init__(self, config: RemoteEncoderConfig, cache: EmbeddingCache | None = None):
         validate_url(config.url)
+        for name, value in (("timeout", config.read_timeout), ("connect timeout", config.connect_timeout)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value <= 0:
+                raise InputError(f"{name} {value!r}: give a number of seconds above 0.")
         self.config = config
         self.cache = cache
         self.url = safe_url(config.url)
@@ -435,6 +440,8 @@ class RemoteTextEncoder:
         want = f"[{batch}, 512, {width}]" if width else f"[{batch}, L, D]"
         if embeds.dim() != 3 or embeds.shape[0] != batch:
             return f"embeddings of shape {tuple(embeds.shape)}, expected {want} ({batch} prompt(s))"
+        if 0 in embeds.shape:
+            return f"empty embeddings of shape {tuple(embeds.shape)} (0 tokens or width 0), expected {want}"
         if embeds.dtype not in FLOAT_DTYPES:
             return f"embeddings of dtype {embeds.dtype}, expected one of float32, bfloat16, float16"
         if width and embeds.shape[-1] != width:
@@ -458,7 +465,7 @@ class RemoteTextEncoder:
             payload = json.loads(text)
             if isinstance(payload, dict):
                 text = str(payload.get("error") or payload.get("detail") or payload.get("message") or text)
-        except ValueError:
+        except (ValueError, RecursionError):
             pass
         text = " ".join(text.split())[:300]
         return self._mask(text)
