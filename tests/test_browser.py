@@ -201,3 +201,35 @@ def test_sampler_shows_stats_and_step_cache_timeline(page, comfyui, tmp_path):
     assert shot.stat().st_size > 10_000
     assert not _errors(page, since), _errors(page, since)
 
+
+
+# The frontend's NodeHelpService (1.35.9, 1.49.6, 1.58.1): for a node whose python_module is
+# "custom_nodes.<folder>", it fetches /extensions/<folder>/docs/<name>/<locale>.md, then
+# /extensions/<folder>/docs/<name>.md, and drops a reply served as text/html; without a page it shows DESCRIPTION.
+JS_HELP = """async () => {
+  const out = {};
+  for (const [name, type] of Object.entries(LiteGraph.registered_node_types)) {
+    const def = type.nodeData;
+    if (!name.startsWith('Flux2Accel') || !def) continue;
+    const parts = (def.python_module || '').split('.');
+    const folder = parts.length >= 2 && parts[0] === 'custom_nodes' ? parts[1].split('@')[0] : null;
+    const url = folder ? `/extensions/${folder}/docs/${name}.md` : null;
+    const reply = url ? await fetch(url) : null;
+    out[name] = {module: def.python_module, description: def.description, url, status: reply?.status ?? null,
+                 type: reply?.headers.get('content-type') ?? '', text: reply?.ok ? await reply.text() : ''};
+  }
+  return out;
+}"""
+
+
+def test_every_node_has_the_help_page_the_frontend_fetches(page):
+    from flux2_accel import NODE_CLASS_MAPPINGS
+
+    help_pages = page.evaluate(JS_HELP)
+    assert set(help_pages) == set(NODE_CLASS_MAPPINGS)
+    for name, found in help_pages.items():
+        assert found["module"].startswith("custom_nodes."), (name, found["module"])
+        assert found["status"] == 200 and "text/html" not in found["type"], (name, found["url"], found["status"])
+        assert found["description"] == NODE_CLASS_MAPPINGS[name].DESCRIPTION, name
+        assert found["description"].strip() in found["text"], (name, found["text"][:200])
+        assert found["text"] == (ROOT / "web" / "docs" / f"{name}.md").read_text(), name
