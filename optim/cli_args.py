@@ -209,7 +209,7 @@ def output_problem(flag_name: str, path: str, image: bool = False) -> str | None
     """Why `path` cannot be written as the output file of `flag_name` (None: it can)."""
     out = Path(path)
     if out.is_dir():
-        return f"{flag_name} '{path}' is a folder: give a file name in it, e.g. '{out / 'flux2.png'}'"
+        return f"{flag_name} '{path}' is a folder: give a file name in it, e.g. '{out / ('flux2.png' if image else 'result.json')}'"
     if image and out.suffix.lower() not in IMAGE_SUFFIXES:
         return f"{flag_name} '{path}' needs an image extension ({', '.join(IMAGE_SUFFIXES)})"
     folder = out.parent
