@@ -197,9 +197,8 @@ def model_problems(args) -> list[str]:
     if args.demo:
         return ["--demo builds its own random-weight models: drop " + ", ".join(flag(n) for n in given)] if given \
             else []
-    problems = [f"give {flag(n)}" for n in ("transformer", "text_encoder", "vae") if not getattr(args, n)]
-    if problems:
-        problems[-1] += " (or use --demo)"
+    absent = [flag(n) for n in ("transformer", "text_encoder", "vae") if not getattr(args, n)]
+    problems = ["give " + ", ".join(absent) + " (or use --demo)"] if absent else []
     problems += [f"{flag(n)} '{getattr(args, n)}' does not exist" for n in given
                  if not Path(getattr(args, n)).exists()]
     return problems
@@ -209,7 +208,8 @@ def output_problem(flag_name: str, path: str, image: bool = False) -> str | None
     """Why `path` cannot be written as the output file of `flag_name` (None: it can)."""
     out = Path(path)
     if out.is_dir():
-        return f"{flag_name} '{path}' is a folder: give a file name in it, e.g. '{out / ('flux2.png' if image else 'result.json')}'"
+        example = out / ("flux2.png" if image else "result.json")
+        return f"{flag_name} '{path}' is a folder: give a file name in it, e.g. '{example}'"
     if image and out.suffix.lower() not in IMAGE_SUFFIXES:
         return f"{flag_name} '{path}' needs an image extension ({', '.join(IMAGE_SUFFIXES)})"
     folder = out.parent
