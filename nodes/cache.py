@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..optim.caching import METHODS, CacheSettings, parse_coefficients
+from ..optim.caching import METHODS, CacheSettings, cache_settings
 
 _DEFAULTS = CacheSettings()
 
@@ -57,11 +57,9 @@ class Flux2AccelStepCache:
 
     def apply(self, model, method, threshold, start_percent, end_percent, max_consecutive_cached, warmup_steps,
               teacache_coefficients="", min_steps=_DEFAULTS.min_steps):
-        settings = CacheSettings(method, float(threshold), float(start_percent), float(end_percent),
-                                 int(max_consecutive_cached), int(warmup_steps),
-                                 parse_coefficients(teacache_coefficients), int(min_steps))
-        settings.validate()
-        return (model.replace(cache=settings if settings.enabled else None),)
+        settings = cache_settings(method, threshold, start_percent, end_percent, max_consecutive_cached, warmup_steps,
+                                  teacache_coefficients, min_steps)
+        return (model.with_step_cache(settings),)
 
 
 NODE_CLASS_MAPPINGS = {"Flux2AccelStepCache": Flux2AccelStepCache}

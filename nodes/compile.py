@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-from ..optim.compile import DYNAMIC, MODES, SCOPES, CompileSettings
+from ..optim.compile_settings import DYNAMIC, MODES, SCOPES, CompileSettings, compile_settings
 from . import comfy_services
 
 _DEFAULTS = CompileSettings()
@@ -59,9 +59,7 @@ class Flux2AccelCompile:
                    "the model runs eager with a warning.")
 
     def apply(self, model, scope, mode, dynamic, fullgraph, backend, compile_vae_decoder):
-        settings = CompileSettings(scope, mode, dynamic, bool(fullgraph), backend.strip(), bool(compile_vae_decoder),
-                                   default_cache_dir())
-        settings.validate()
+        settings = compile_settings(scope, mode, dynamic, fullgraph, backend, compile_vae_decoder, default_cache_dir())
         return (model.replace(compile=settings),)
 
 

@@ -45,7 +45,7 @@ class Flux2AccelLoraStack:
             LoraSpec(comfy_services.resolve_model("loras", slots[f"lora_{i}"]),
                      slots.get(f"strength_{i}", 1.0), slots.get(f"enabled_{i}", True))
             for i in range(1, SLOTS + 1) if slots.get(f"lora_{i}", NONE) not in (NONE, None, ""))
-        return (model.replace(loras=tuple(model.loras) + specs),)
+        return (model.with_loras(specs),)
 
 
 NODE_CLASS_MAPPINGS = {"Flux2AccelLoraStack": Flux2AccelLoraStack}

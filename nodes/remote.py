@@ -42,9 +42,22 @@ def embedding_cache(enabled: bool) -> EmbeddingCache:
         user_dir = comfy_services.user_directory()
         root = (os.path.join(user_dir, "flux2-accel", "embeddings") if user_dir
                 else os.path.join(os.path.expanduser("~"), ".cache", "flux2-accel", "embeddings"))
-    max_mb = os.environ.get(CACHE_MB_ENV)
-    max_bytes = int(float(max_mb) * 1024**2) if max_mb else DEFAULT_MAX_BYTES
-    return EmbeddingCache(root, max_bytes=max_bytes, enabled=enabled)
+    return EmbeddingCache(root, max_bytes=cache_max_bytes(), enabled=enabled)
+
+
+def cache_max_bytes() -> int:
+    """The embedding cache's size bound from $FLUX2_ACCEL_EMBEDDING_CACHE_MB (unset or empty: the default)."""
+    text = os.environ.get(CACHE_MB_ENV, "").strip()
+    if not text:
+        return DEFAULT_MAX_BYTES
+    try:
+        megabytes = float(text)
+    except ValueError:
+        megabytes = float("nan")
+    if not 0 <= megabytes < float("inf"):
+        raise InputError(f"{CACHE_MB_ENV} is '{text}': set it to a size in megabytes (e.g. 2048; 0 keeps nothing), "
+                         "or unset it for the default.")
+    return int(megabytes * 1024**2)
 
 
 def remote_encoder(endpoint_url: str, expects: str, use_cache: bool, timeout: float) -> RemoteTextEncoder:

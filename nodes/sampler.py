@@ -6,7 +6,8 @@ import logging
 
 from ..optim import engine
 from ..optim.errors import Interrupted
-from ..optim.sampling import MAX_RESOLUTION, MAX_SEED, SamplingParams
+from ..optim.options import MAX_BATCH_SIZE, MAX_GUIDANCE, MAX_RESOLUTION, MAX_SEED, MAX_STEPS, SIZE_MULTIPLE
+from ..optim.sampling import SamplingParams
 from . import comfy_services, native_model
 
 log = logging.getLogger("flux2_accel")
@@ -21,18 +22,20 @@ class Flux2AccelSampler:
                                                      "nodes."}),
                 "vae": ("FLUX2_VAE", {"tooltip": "From Load VAE (FLUX.2)."}),
                 "conditioning": ("FLUX2_CONDITIONING", {"tooltip": "From Text Encode (FLUX.2)."}),
-                "width": ("INT", {"default": 1024, "min": 16, "max": MAX_RESOLUTION, "step": 16,
+                "width": ("INT", {"default": 1024, "min": SIZE_MULTIPLE, "max": MAX_RESOLUTION,
+                                  "step": SIZE_MULTIPLE,
                                   "tooltip": "Image width in pixels, a multiple of 16."}),
-                "height": ("INT", {"default": 1024, "min": 16, "max": MAX_RESOLUTION, "step": 16,
+                "height": ("INT", {"default": 1024, "min": SIZE_MULTIPLE, "max": MAX_RESOLUTION,
+                                   "step": SIZE_MULTIPLE,
                                    "tooltip": "Image height in pixels, a multiple of 16."}),
-                "steps": ("INT", {"default": 28, "min": 1, "max": 200,
+                "steps": ("INT", {"default": 28, "min": 1, "max": MAX_STEPS,
                                   "tooltip": "Denoising steps. 28-50 for [dev]; 4 for distilled [klein]."}),
-                "guidance": ("FLOAT", {"default": 4.0, "min": 0.0, "max": 100.0, "step": 0.1,
+                "guidance": ("FLOAT", {"default": 4.0, "min": 0.0, "max": MAX_GUIDANCE, "step": 0.1,
                                        "tooltip": "[dev]: embedded guidance strength. [klein]: CFG scale, used only "
                                                   "when a negative conditioning is connected (base models)."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True,
                                  "tooltip": "Noise seed. The same seed gives the same image on any device."}),
-                "batch_size": ("INT", {"default": 1, "min": 1, "max": 64,
+                "batch_size": ("INT", {"default": 1, "min": 1, "max": MAX_BATCH_SIZE,
                                        "tooltip": "Images per prompt, drawn from one seeded noise batch."}),
             },
             "optional": {

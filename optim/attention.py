@@ -27,11 +27,11 @@ import torch
 
 from .errors import InputError
 from .feature_api import Feature
+from .options import ATTENTION_BACKENDS as BACKENDS
+from .options import DEFAULT_ATTENTION_BACKEND as DEFAULT_BACKEND
 
 log = logging.getLogger("flux2_accel")
 
-BACKENDS = ("auto", "sdpa", "cudnn", "flash", "sage")
-DEFAULT_BACKEND = "auto"
 NATIVE = "native"  # diffusers' name for torch's SDPA
 _warned: set[tuple[str, str]] = set()
 

@@ -1,41 +1,69 @@
 """`flux2-accel` command line: the pack's engine without ComfyUI.
 
-Subcommands are listed in COMMANDS (name -> module); each module has `add_arguments(parser)` and `run(args) -> int`
-(arguments several subcommands share are defined once, in cli_args.py). A user error (any pack error, see
+Each subcommand is a `Command` in COMMANDS: a function that adds its arguments, an optional check of the parsed
+arguments, and the module whose `run(args) -> int` does the work. Only the chosen subcommand's arguments are built,
+and its runner module is imported only once they are good: the runners load torch and diffusers (seconds), the
+argument modules do not, so `--help`, a typo or a refused value answers at once. A user error (any pack error, see
 optim/errors.py) prints one line, `error: ...`, and exits with status 2, as argparse does for bad arguments.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
+from dataclasses import dataclass
 
+from . import cli_args
 from .errors import Flux2AccelError
 
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    arguments: str  # "module:function" adding the arguments to a parser
+    runner: str  # module with run(args) -> int
+    check: str | None = None  # "module:function" raising InputError for arguments that cannot be honoured
+
+
 COMMANDS = {
-    "generate": ("generate", "text-to-image (or edit) with given model files, or --demo with tiny random weights"),
-    "serve-text-encoder": ("remote.server", "serve a local text encoder over HTTP for Remote Text Encode nodes"),
-    "calibrate-teacache": ("caching.calibrate", "fit TeaCache coefficients for a FLUX.2 model from real runs"),
-    "bench": ("bench", "benchmark the pack's rows against bare diffusers on random weights (time, memory, fidelity)"),
-    "queue": ("queue_client", "queue an API-format workflow on a running ComfyUI, show progress, save its images"),
+    "generate": Command("text-to-image (or edit) with given model files, or --demo with tiny random weights",
+                        "cli_args:add_generate_arguments", "generate", "cli_args:check_generate"),
+    "serve-text-encoder": Command("serve a local text encoder over HTTP for Remote Text Encode nodes",
+                                  "remote.server:add_arguments", "remote.server"),
+    "calibrate-teacache": Command("fit TeaCache coefficients for a FLUX.2 model from real runs",
+                                  "cli_args:add_calibrate_arguments", "caching.calibrate", "cli_args:check_calibrate"),
+    "bench": Command("benchmark the pack's rows against bare diffusers on random weights (time, memory, fidelity)",
+                     "bench:add_arguments", "bench"),
+    "queue": Command("queue an API-format workflow on a running ComfyUI, show progress, save its images",
+                     "queue_client:add_arguments", "queue_client"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flux2-accel", description="Fast and light FLUX.2, without ComfyUI.")
+def _function(reference: str):
+    module, name = reference.split(":")
+    return getattr(importlib.import_module(f".{module}", __package__), name)
+
+
+def build_parser(argv: list[str]) -> cli_args.OneLineParser:
+    """The parser, with the arguments of the subcommand `argv` names (the first word that is one), if any."""
+    parser = cli_args.OneLineParser(prog="flux2-accel", description="Fast and light FLUX.2, without ComfyUI.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        importlib.import_module(f".{module}", __package__).add_arguments(p)
-        p.set_defaults(_module=module)
+    chosen = next((word for word in argv if word in COMMANDS), None)
+    for name, command in COMMANDS.items():
+        p = sub.add_parser(name, help=command.help, description=command.help)
+        if name == chosen:
+            _function(command.arguments)(p)
     return parser
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    module = importlib.import_module(f".{args._module}", __package__)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
+    command = COMMANDS[args.command]
     try:
+        if command.check:
+            _function(command.check)(args)
+        module = importlib.import_module(f".{command.runner}", __package__)
         return int(module.run(args) or 0)
     except Flux2AccelError as e:
         print(f"error: {one_line(str(e))}", file=sys.stderr)

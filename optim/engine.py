@@ -88,6 +88,7 @@ def run(model, vae, conditioning: Flux2Conditioning, params: SamplingParams, *, 
     report = RunReport(params=params)
     vae_module = store.vae(vae)
     with store.prepared(model, report) as transformer:
+        report.stats = {"model": {"precision": precision_of(transformer), "offload": model.offload}, **report.stats}
         target = torch.device(device) if device is not None else None
         check_memory(transformer, vae_module, conditioning, params, target or _default_device(), decode)
         with offloaded(model.offload, transformer=transformer, vae=vae_module, device=target) as dev:
@@ -106,6 +107,11 @@ def run(model, vae, conditioning: Flux2Conditioning, params: SamplingParams, *, 
                 with vae_decoder_compiled(vae_module, model.compile, report):
                     image = latents.decode(vae_module, latent, device=dev)
     return RunResult(latent, image, report)
+
+
+def precision_of(module) -> str:
+    """The precision the weights were brought to (optim.precision marks it), else the module's dtype."""
+    return getattr(module, "flux2_precision", None) or str(next(module.parameters()).dtype).removeprefix("torch.")
 
 
 def _default_device() -> torch.device:

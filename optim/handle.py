@@ -38,6 +38,14 @@ class ModelHandle:
     def replace(self, **changes) -> "ModelHandle":
         return dataclasses.replace(self, **changes)
 
+    def with_step_cache(self, settings) -> "ModelHandle":
+        """This model with step-cache `settings` (optim.caching.CacheSettings); a threshold of 0 means no cache."""
+        return self.replace(cache=settings if settings.enabled else None)
+
+    def with_loras(self, specs) -> "ModelHandle":
+        """This model with the LoRA `specs` appended to its stack (stacks chain: LoRAs already on it stay first)."""
+        return self.replace(loras=tuple(self.loras) + tuple(specs))
+
     @property
     def base_key(self) -> tuple:
         """What identifies the loaded base weights: features layered on top do not change it."""

@@ -22,10 +22,10 @@ import logging
 import torch
 
 from .errors import InputError
+from .options import OFFLOAD_MODES
 
 log = logging.getLogger("flux2_accel")
 
-OFFLOAD_MODES = ("none", "model_cpu", "sequential", "group")
 
 
 def execution_device() -> torch.device:

@@ -29,11 +29,10 @@ import torch.nn.functional as F
 
 from .checkpoint import MappedCheckpoints, return_free_heap
 from .errors import InputError
+from .options import TEXT_ENCODER_PRECISIONS, TRANSFORMER_PRECISIONS
 
 log = logging.getLogger("flux2_accel")
 
-TRANSFORMER_PRECISIONS = ("bf16", "fp8_e4m3fn", "fp8_e4m3fn_fast", "nf4")
-TEXT_ENCODER_PRECISIONS = ("bf16", "fp8_e4m3fn", "fp8_e4m3fn_fast", "nf4")
 
 # Linear layers that stay bf16 whatever the precision, named by a dotted part of their module path.
 # Only nn.Linear layers are ever quantized, so norms and embedding tables are bf16 without being listed.

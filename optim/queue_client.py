@@ -62,6 +62,9 @@ def add_arguments(p) -> None:
 def load_workflow(path: str) -> dict:
     """The API-format graph in `path`: {node_id: {"class_type": ..., "inputs": {...}}}."""
     p = Path(path)
+    if p.is_dir():
+        raise InputError(f"workflow '{path}' is a folder: give the API-format workflow JSON file (e.g. one of the "
+                         "pack's workflows/*_api.json)")
     if not p.is_file():
         raise InputError(f"workflow file '{path}' does not exist")
     try:

@@ -23,10 +23,9 @@ from diffusers.hooks import ModelHook
 from .caching.transformer_hook import installed
 from .errors import InputError, Interrupted, NonFiniteError
 from .latents import packed_to_latent, spatial_factor, to_pil
+from .options import MAX_BATCH_SIZE, MAX_GUIDANCE, MAX_RESOLUTION, MAX_SEED, MAX_STEPS, SIZE_MULTIPLE
 from .text_encoding import FAMILY_BY_EMBED_WIDTH, Flux2Conditioning
 
-MAX_SEED = 0xFFFF_FFFF_FFFF_FFFF
-MAX_RESOLUTION = 8192
 # FLUX.2's shipped scheduler (scheduler/scheduler_config.json, the same for [dev] and [klein]): dynamic shifting, the
 # pipelines pass mu.
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
@@ -42,20 +41,20 @@ class SamplingParams:
     seed: int = 0
     batch_size: int = 1
 
-    def validate(self, multiple: int = 16) -> None:
+    def validate(self, multiple: int = SIZE_MULTIPLE) -> None:
         for name in ("width", "height"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < multiple or value > MAX_RESOLUTION or value % multiple:
                 raise InputError(f"{name} is {value}: it must be a multiple of {multiple} between {multiple} "
                                  f"and {MAX_RESOLUTION}.")
-        if not isinstance(self.steps, int) or self.steps < 1:
-            raise InputError(f"steps is {self.steps}: at least 1 step is needed.")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise InputError(f"batch_size is {self.batch_size}: it must be at least 1.")
+        if not isinstance(self.steps, int) or not 1 <= self.steps <= MAX_STEPS:
+            raise InputError(f"steps is {self.steps}: it must be between 1 and {MAX_STEPS}.")
+        if not isinstance(self.batch_size, int) or not 1 <= self.batch_size <= MAX_BATCH_SIZE:
+            raise InputError(f"batch_size is {self.batch_size}: it must be between 1 and {MAX_BATCH_SIZE}.")
         if not 0 <= int(self.seed) <= MAX_SEED:
             raise InputError(f"seed is {self.seed}: it must be between 0 and {MAX_SEED}.")
-        if not 0.0 <= float(self.guidance) <= 100.0:
-            raise InputError(f"guidance is {self.guidance}: it must be between 0 and 100.")
+        if not 0.0 <= float(self.guidance) <= MAX_GUIDANCE:
+            raise InputError(f"guidance is {self.guidance}: it must be between 0 and {MAX_GUIDANCE:g}.")
 
 
 StepCallback = Callable[[int, int, Callable[[], torch.Tensor]], None]

@@ -49,7 +49,7 @@ def _png_header_claiming(tmp_path, width: int, height: int):
 
 @pytest.mark.parametrize("width, height", [(100_000, 100_000), (20_000, 20_000), (8193, 8192), (1, 70_000_000)])
 def test_reference_images_are_decoded_with_bounds(tmp_path, width, height):
-    from flux2_accel.optim.generate import _open_references
+    from flux2_accel.optim.generate import open_references as _open_references
 
     path = _png_header_claiming(tmp_path, width, height)
     with pytest.raises(InputError, match=re.escape(f"--reference '{path}'")):

@@ -68,8 +68,10 @@ def test_seed_semantics(tiny_models):
 @pytest.mark.parametrize("field,kwargs,match", [
     ("width", dict(width=70), "width is 70: it must be a multiple of 16"),
     ("height", dict(height=0), "height is 0"),
-    ("steps", dict(steps=0), "steps is 0: at least 1 step"),
+    ("steps", dict(steps=0), "steps is 0: it must be between 1 and 200"),
+    ("too many steps", dict(steps=100000), "steps is 100000: it must be between 1 and 200"),
     ("batch", dict(batch_size=0), "batch_size is 0"),
+    ("batch too large", dict(batch_size=65), "batch_size is 65: it must be between 1 and 64"),
     ("seed", dict(seed=-1), "seed is -1"),
 ])
 def test_bad_parameters_are_named(tiny_models, field, kwargs, match):

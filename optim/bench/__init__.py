@@ -15,6 +15,7 @@ import sys
 import torch
 
 from ..attention import BACKENDS as ATTENTION_CHOICES
+from ..cli_args import require_writable
 from ..errors import InputError
 from .models import CONFIGS
 from .rows import DEFAULT_ROWS, ERROR, ROW_NAMES
@@ -74,6 +75,9 @@ def options_from_args(args) -> BenchOptions:
 def run(args) -> int:
     from .report import document, format_table, plot, write_json
 
+    # before the minutes of benchmarking, not after
+    require_writable("--json", args.json)
+    require_writable("--plot", args.plot, image=True)
     if args.preset == "device-check":
         from .device_check import run_device_check
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..cli_args import torch_device
+from ..cli_models import torch_device
 from ..errors import InputError
 from .models import CONFIGS, REAL_CONFIGS, BenchModel
 from .rows import (DEFAULT_ROWS, ERROR, OK, ROW_NAMES, ROWS, UNAVAILABLE, BenchContext, RowResult, Unavailable,

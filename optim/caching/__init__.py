@@ -103,6 +103,17 @@ def parse_coefficients(text: str) -> tuple[float, ...]:
                          "output of `flux2-accel calibrate-teacache`.") from None
 
 
+def cache_settings(method: str, threshold: float, start_percent: float, end_percent: float,
+                   max_consecutive_cached: int, warmup_steps: int, teacache_coefficients: str = "",
+                   min_steps: int = CacheSettings.min_steps) -> CacheSettings:
+    """Validated settings from the Step Cache node's widgets (or `generate`'s --cache flags, named after them)."""
+    settings = CacheSettings(method, float(threshold), float(start_percent), float(end_percent),
+                             int(max_consecutive_cached), int(warmup_steps), parse_coefficients(teacache_coefficients),
+                             int(min_steps))
+    settings.validate()
+    return settings
+
+
 @contextlib.contextmanager
 def activate(store, transformer, handle, report):
     settings = handle.cache

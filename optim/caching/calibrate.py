@@ -64,32 +64,17 @@ def recording(transformer, samples: list):
         hook.remove()
 
 
-def add_arguments(p) -> None:
-    from .. import cli_args
-
-    cli_args.add_model_arguments(p, transformer_help="diffusion model: .safetensors file or diffusers folder (LoRA "
-                                                     "fused in)",
-                                 demo_help="tiny random weights: checks the command, fits nothing useful")
-    p.add_argument("--prompt", action="append", default=[], help="prompt to run (repeatable; several recommended)")
-    p.add_argument("--seeds", type=int, default=2, help="seeds per prompt (0, 1, ...)")
-    cli_args.add_size_arguments(p)
-    p.add_argument("--steps", type=int, default=None, help="default 28 (8 with --demo); calibrate at the steps you use")
-    p.add_argument("--degree", type=int, default=4, help="polynomial degree (TeaCache uses 4)")
-    cli_args.add_device_argument(p)
-    p.add_argument("--output", "-o", default="teacache_coefficients.json", help="JSON file for the result")
-
-
 DEFAULT_PROMPTS = ("a red dog in a green house", "portrait of an old man, photo", "a city street at night")
 
 
 def run(args) -> int:
-    from .. import cli_args, engine
+    from .. import cli_args, cli_models, engine
     from ..sampling import SamplingParams, family_of
     from ..store import ModelStore
 
-    device = cli_args.device(args)
+    device = cli_models.device(args)
     store = ModelStore()
-    model, vae, text_encoder = cli_args.components(args, store)
+    model, vae, text_encoder = cli_models.components(args, store)
     encoder = store.text_encoder(text_encoder)
     encoder.model.to(device)
     width, height = cli_args.size(args)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from ..cli_args import port_number
 from ..errors import InputError
 from .protocol import FORMATS, PREDICT_PATH, choose_format, encode_tensor, parse_prompts
 
@@ -194,7 +195,7 @@ def add_arguments(p) -> None:
     p.add_argument("--precision", default=TEXT_ENCODER_PRECISIONS[0], choices=TEXT_ENCODER_PRECISIONS)
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
-    p.add_argument("--port", type=int, default=8199)
+    p.add_argument("--port", type=port_number, default=8199, help="1-65535 (default %(default)s)")
     p.add_argument("--token-env", default=DEFAULT_TOKEN_ENV,
                    help=f"environment variable holding the token clients must send (default {DEFAULT_TOKEN_ENV})")
     p.add_argument("--no-auth", action="store_true", help="serve without a token (only on a trusted network)")
@@ -205,6 +206,20 @@ def add_arguments(p) -> None:
                         f"(default {DEFAULT_BODY_TIMEOUT_S:g})")
     p.add_argument("--default-format", choices=sorted(FORMATS), default="safetensors",
                    help="reply format for clients whose Accept header names none (torch suits diffusers' client)")
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Bind and release (host, port), so a port in use or an address this machine lacks is one clear error."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family, _, _, _, address = infos[0]
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind(address)
+    except OSError as e:
+        raise InputError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e}); choose another "
+                         "--port, or stop what uses it.") from None
 
 
 def run(args) -> int:
@@ -219,6 +234,7 @@ def run(args) -> int:
                          "or pass --no-auth to serve without one.")
     if args.no_auth and args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("flux2-accel: serving without a token on %s: anyone who can reach it can use it.", args.host)
+    check_port_free(args.host, args.port)  # before loading the encoder, which takes a while
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     encoder = load_text_encoder(args.text_encoder, dtype=torch.bfloat16, tokenizer_path=args.tokenizer)
     encoder.model = apply_text_encoder_precision(encoder.model, args.precision)

@@ -1,0 +1,21 @@
+"""The choices and limits that the nodes' widgets, the engine's checks and the CLI's flags share, defined once.
+
+Plain values, no torch: `flux2-accel --help` and its argument checks read them without loading torch or diffusers
+(the modules that use them, precision.py, offload.py, attention.py, sampling.py, import them from here).
+"""
+
+from __future__ import annotations
+
+TRANSFORMER_PRECISIONS = ("bf16", "fp8_e4m3fn", "fp8_e4m3fn_fast", "nf4")
+TEXT_ENCODER_PRECISIONS = ("bf16", "fp8_e4m3fn", "fp8_e4m3fn_fast", "nf4")
+OFFLOAD_MODES = ("none", "model_cpu", "sequential", "group")
+ATTENTION_BACKENDS = ("auto", "sdpa", "cudnn", "flash", "sage")
+DEFAULT_ATTENTION_BACKEND = "auto"
+
+# Sampling parameters (the sampler node's widgets, SamplingParams.validate, `generate`'s flags).
+SIZE_MULTIPLE = 16  # width and height: multiples of the VAE's factor times the 2x2 patch
+MAX_RESOLUTION = 8192
+MAX_STEPS = 200
+MAX_BATCH_SIZE = 64
+MAX_SEED = 0xFFFF_FFFF_FFFF_FFFF
+MAX_GUIDANCE = 100.0
