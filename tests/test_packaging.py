@@ -31,9 +31,28 @@ def test_requirements_match_pyproject():
     lines = [l for l in (ROOT / "requirements.txt").read_text().splitlines() if l.strip() and not l.startswith("#")]
     deps = _pyproject()["project"]["dependencies"]
     assert _names(lines) == _names(deps)
-    assert {"torch", "diffusers", "transformers", "bitsandbytes", "safetensors", "para-attn", "pillow",
+    assert {"torch", "diffusers", "transformers", "bitsandbytes", "safetensors", "pillow",
             "comfyui-frontend-package"} <= _names(deps)
     assert not any(re.match(r"torch\s*==", d) for d in deps)  # torch is never pinned by the pack
+
+
+def test_para_attn_is_not_a_dependency_and_no_module_imports_it():
+    """para-attn 0.3.38, its last release, declares a direct-URL dependency that pip >= 26.3 refuses from PyPI, so
+    it made the pack uninstallable with pip; the pack's First Block Cache is its own (optim/caching/fbcache.py)."""
+    meta = _pyproject()["project"]
+    lines = [l for l in (ROOT / "requirements.txt").read_text().splitlines() if l.strip() and not l.startswith("#")]
+    for names in (_names(meta["dependencies"]), _names(lines), set(_constraints()),
+                  *(_names(extra) for extra in meta["optional-dependencies"].values())):
+        assert not names & {"para-attn", "para_attn"}
+    for path in list((ROOT / "nodes").rglob("*.py")) + list((ROOT / "optim").rglob("*.py")) + [ROOT / "__init__.py"]:
+        assert not any(module.split(".")[0] == "para_attn" for module, _ in _imports(path)), path
+
+
+def test_no_dependency_is_a_direct_url():
+    """pip refuses direct-URL requirements in distributions from an index: the pack's own must be plain names."""
+    meta = _pyproject()["project"]
+    for spec in meta["dependencies"] + [d for extra in meta["optional-dependencies"].values() for d in extra]:
+        assert Requirement(spec).url is None, spec
 
 
 def test_pyproject_metadata():

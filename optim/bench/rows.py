@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..caching.fbcache import relative_change
 from ..precision import psnr, weight_bytes
 from ..sampling import float32_latents
 from .measure import PeakMemory, Stopwatch, latent_deviation, median
@@ -222,11 +223,6 @@ class FirstBlockRecorder:
 
     def remove(self) -> None:
         self._hook.remove()
-
-
-def relative_change(current: torch.Tensor, previous: torch.Tensor) -> float:
-    """First Block Cache's measure (para-attn): mean |current - previous| / mean |previous|."""
-    return float((current - previous).abs().mean() / previous.abs().mean())
 
 
 def simulate_skips(residuals: list[torch.Tensor], threshold: float, gate) -> int:

@@ -1,7 +1,7 @@
 """Step caching for FLUX.2: skip the transformer's blocks on steps whose result barely changes.
 
 Methods (`CacheSettings.method`), one module each, with its own settings and per-branch state:
-- "fbcache": First Block Cache, on para-attn's first-block-cache machinery (fbcache.py);
+- "fbcache": First Block Cache, the relative change of the first block's residual (fbcache.py);
 - "teacache": TeaCache, the rescaled relative L1 change of the first block's modulated input (teacache.py);
 - "magcache", "taylorseer": diffusers' own hooks, which do run on Flux2Transformer2DModel (magcache.py,
   taylorseer.py, sharing diffusers_cache.py).
@@ -123,7 +123,8 @@ def activate(store, transformer, handle, report):
     settings.validate()
     from diffusers import Flux2Transformer2DModel
 
-    # By class, not by name prefix: para-attn's own adapter picking goes wrong exactly there.
+    # By class, not by name prefix: FLUX.1 and FLUX.2 transformers share the "Flux" prefix (para-attn's adapter
+    # picking by name goes wrong exactly there).
     if not isinstance(transformer, Flux2Transformer2DModel):
         raise InputError(f"step caching supports FLUX.2 transformers (Flux2Transformer2DModel); got "
                          f"{type(transformer).__name__}.")

@@ -2,8 +2,8 @@
 model and BFL's own repository build it. Pure torch: no ComfyUI import; ComfyUI is reached from nodes/ only.
 
 The skip decision and its statistics are the pack's shared ones (decision.CacheRun / Branch with the shared gate,
-each method's own run and state from fbcache.new_run / teacache.new_run, teacache.decide, para-attn's
-first-block-cache functions, as fbcache.py and teacache.py use them for diffusers' Flux2Transformer2DModel); only
+each method's own run and state from fbcache.new_run / teacache.new_run, and their decisions fbcache.may_reuse /
+teacache.decide, as fbcache.py and teacache.py use them for diffusers' Flux2Transformer2DModel); only
 the adapter to the block layout lives here. It plugs into the layout's block-replacement convention: the forward
 calls `replace(args, {"original_block": run_block})` for a key ("double_block", i) / ("single_block", i) where
 `args` holds img, txt (double blocks), vec, pe, attn_mask, transformer_options, and the replacement returns
@@ -46,7 +46,6 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from para_attn.first_block_cache import utils as fbc
 
 from ..errors import InputError
 from . import fbcache, teacache
@@ -250,21 +249,13 @@ class BflStepCache:
         before = args["img"].clone()  # BFL-layout blocks add to their input in place
         out = extra["original_block"](args)
         first_residual = out["img"] - before
-        decisions = []
-        for branch, part in call.chunks(first_residual):
-            with fbc.cache_context(branch.state.context):
-                fbc.mark_step_begin()
-                decisions.append(self.run.may_skip(branch) and fbc.get_can_use_cache(part))
+        decisions = [fbcache.may_reuse(self.run, branch, part) for branch, part in call.chunks(first_residual)]
         if all(decisions):
             call.skip = True
-            parts = []
-            for branch, part in call.chunks(out["img"]):
-                with fbc.cache_context(branch.state.context):
-                    parts.append(fbc.apply_prev_hidden_states_residual(part)[0])
+            parts = [fbcache.reused(branch, part) for branch, part in call.chunks(out["img"])]
             return {"img": call.joined(parts), "txt": out["txt"]}
         for branch, part in call.chunks(first_residual):
-            with fbc.cache_context(branch.state.context):
-                fbc.set_first_hidden_states_residual(part)
+            fbcache.keep_first_residual(branch, part)
         call.reference = out["img"].clone()  # the next block adds to it in place
         return out
 
@@ -287,8 +278,7 @@ class BflStepCache:
             if self.settings.method == "teacache":
                 branch.state.residual = part
             else:
-                with fbc.cache_context(branch.state.context):
-                    fbc.set_hidden_states_residual(part)
+                fbcache.keep_residual(branch, part)
 
 
 def _state(args: dict) -> BflStepCache | None:

@@ -1,8 +1,9 @@
 """The block runner First Block Cache and TeaCache share, for diffusers' Flux2Transformer2DModel.
 
-Shaped like para-attn's `CachedTransformerBlocks` (its FLUX.1 adapter), which it subclasses. para-attn picks its
-FLUX.1 adapter for FLUX.2 by name prefix, which passes FLUX.1 arguments to FLUX.2's single blocks. FLUX.2 differs in
-three ways that this runner handles:
+Shaped like the FLUX.1 block runners of the first-block-cache libraries (para-attn's `CachedTransformerBlocks`):
+one module that runs the double-stream blocks, then the single-stream blocks. Those FLUX.1 runners do not fit FLUX.2
+(para-attn picks its FLUX.1 adapter for FLUX.2 by name prefix and passes FLUX.1 arguments to FLUX.2's single
+blocks). FLUX.2 differs in three ways that this runner handles:
 - modulation is computed once per call, outside the blocks, and handed to every block (`temb_mod_img`/`temb_mod_txt`
   for the double-stream blocks, `temb_mod` for the single-stream blocks); the single-stream one is taken from the
   transformer's `single_stream_modulation` module as it runs (a forward hook), since the double-block loop never
@@ -11,7 +12,7 @@ three ways that this runner handles:
 - after the blocks, the forward concatenates text and image tokens and keeps the image part; so only the image
   residual matters and no text residual is stored.
 
-Like para-attn's FLUX.1 adapter, the forward runs with `transformer_blocks` replaced by one runner module (which
+As in those runners, the forward runs with `transformer_blocks` replaced by one runner module (which
 runs every block itself) and `single_transformer_blocks` by an empty list, for the duration of each call. The
 blocks themselves are the transformer's own modules, so regionally compiled blocks stay compiled; the method's
 decision between blocks is plain Python, the only graph break.
@@ -26,7 +27,6 @@ import contextlib
 
 import torch
 from diffusers.hooks import ModelHook
-from para_attn.first_block_cache import utils as fbc
 
 from .decision import Branch, CacheRun
 from .transformer_hook import installed as hook_installed
@@ -35,13 +35,14 @@ from .transformer_hook import step_cache_installed
 ROTARY_MEMO_HOOK = "flux2_accel_rotary_memo"
 
 
-class Flux2CachedTransformerBlocks(fbc.CachedTransformerBlocks):
+class Flux2CachedTransformerBlocks(torch.nn.Module):
     """Stands in for `transformer_blocks` during a call: the double-stream blocks, then the single-stream blocks,
     as the method's `run_blocks` decides."""
 
     def __init__(self, transformer, run: CacheRun, run_blocks):
-        super().__init__(transformer.transformer_blocks, transformer.single_transformer_blocks, transformer=None,
-                         return_hidden_states_first=False)
+        super().__init__()
+        self.transformer_blocks = transformer.transformer_blocks
+        self.single_transformer_blocks = transformer.single_transformer_blocks
         self.run = run
         self.run_blocks = run_blocks
         self.single_stream_mod: torch.Tensor | None = None
