@@ -67,6 +67,7 @@ class Flux2AccelLoadDiffusionModel:
 
     RETURN_TYPES = ("FLUX2_MODEL",)
     RETURN_NAMES = ("model",)
+    FILE_WIDGETS = ("model_name",)  # checked by resolve_choice, which names the folder
     FUNCTION = "load"
     CATEGORY = "flux2-accel/loaders"
     DESCRIPTION = "Describes a FLUX.2 transformer to load. Weights load lazily at the first sampling and are reused."
@@ -94,6 +95,7 @@ class Flux2AccelLoadTextEncoder:
 
     RETURN_TYPES = ("FLUX2_TEXT_ENCODER",)
     RETURN_NAMES = ("text_encoder",)
+    FILE_WIDGETS = ("text_encoder_name",)  # checked by resolve_choice, which names the folder
     FUNCTION = "load"
     CATEGORY = "flux2-accel/loaders"
     DESCRIPTION = "Describes a FLUX.2 text encoder to load. Weights load lazily at the first encode and are reused."
@@ -121,6 +123,7 @@ class Flux2AccelLoadVAE:
 
     RETURN_TYPES = ("FLUX2_VAE",)
     RETURN_NAMES = ("vae",)
+    FILE_WIDGETS = ("vae_name",)  # checked by resolve_choice, which names the folder
     FUNCTION = "load"
     CATEGORY = "flux2-accel/loaders"
     DESCRIPTION = "Describes the FLUX.2 VAE to load. Weights load lazily and are reused."

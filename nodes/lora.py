@@ -37,6 +37,7 @@ class Flux2AccelLoraStack:
     RETURN_NAMES = ("model",)
     OUTPUT_TOOLTIPS = ("The model with these LoRAs appended to its stack.",)
     FUNCTION = "apply"
+    FILE_WIDGETS = tuple(f"lora_{i}" for i in range(1, SLOTS + 1))  # resolved (and named) by resolve_model
     CATEGORY = "flux2-accel/lora"
     DESCRIPTION = "Stack LoRAs on a FLUX.2 model with per-LoRA strength and on/off switches."
 
