@@ -207,5 +207,5 @@ def test_the_loader_puts_the_choice_on_the_handle_and_refuses_unknown_names(mode
     (cudnn,) = loader.load("dev_comfy.safetensors", "bf16", "none", "cudnn")
     assert old.attention_backend == "auto" and cudnn.attention_backend == "cudnn"
     assert cudnn.base_key == old.base_key  # the same base weights: switching never reloads
-    with pytest.raises(InputError, match="attention_backend is 'flash3'"):
+    with pytest.raises(InputError, match="'attention_backend' is 'flash3': not one of the choices"):
         loader.load("dev_comfy.safetensors", "bf16", "none", "flash3")
