@@ -40,7 +40,8 @@ class Flux2AccelSampler:
             },
             "optional": {
                 "reference_images": ("IMAGE", {"tooltip": "Images to edit or take references from; each image of "
-                                                          "the batch is one reference (at least 64 px a side)."}),
+                                                          "the batch is one reference (at least 64 px a side, at "
+                                                          "most 64 megapixels)."}),
                 "negative": ("FLUX2_CONDITIONING", {"tooltip": "[klein] base models only: enables CFG."}),
             },
         }

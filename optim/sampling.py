@@ -22,6 +22,7 @@ from diffusers.hooks import ModelHook
 
 from .caching.transformer_hook import installed
 from .errors import InputError, Interrupted, NonFiniteError
+from .images import MAX_IMAGE_PIXELS
 from .latents import packed_to_latent, spatial_factor, to_pil
 from .options import MAX_BATCH_SIZE, MAX_GUIDANCE, MAX_RESOLUTION, MAX_SEED, MAX_STEPS, SIZE_MULTIPLE
 from .text_encoding import FAMILY_BY_EMBED_WIDTH, Flux2Conditioning
@@ -124,6 +125,34 @@ def check_conditioning(transformer, conditioning: Flux2Conditioning, field_name:
             f"({'Mistral 3 for [dev], ' if FAMILY_BY_EMBED_WIDTH.get(want) == 'mistral' else ''}Qwen3 for [klein]).")
 
 
+MIN_REFERENCE_SIDE = 64
+
+
+def reference_pil_images(reference_images: torch.Tensor | list | None) -> list | None:
+    """The reference images as PIL images, each checked: at least MIN_REFERENCE_SIDE a side and at most
+    MAX_IMAGE_PIXELS. An IMAGE tensor ([B, H, W, C], ComfyUI's layout) is checked on its shape before any pixel is
+    converted, so a huge tensor from another node is refused without a copy."""
+    if reference_images is None:
+        return None
+    if torch.is_tensor(reference_images):
+        if reference_images.ndim != 4 or reference_images.shape[-1] not in (3, 4) or reference_images.shape[0] == 0:
+            raise InputError(f"reference_images has shape {tuple(reference_images.shape)}; an IMAGE is "
+                             "[batch, height, width, 3] with at least one image.")
+        _, height, width, _ = reference_images.shape
+        sizes = [(width, height)] * reference_images.shape[0]
+    else:
+        sizes = [img.size for img in reference_images]
+    for n, (width, height) in enumerate(sizes):
+        if min(width, height) < MIN_REFERENCE_SIDE:
+            raise InputError(f"reference image {n + 1} is {width}x{height}; reference images must be at least "
+                             f"{MIN_REFERENCE_SIDE} pixels on each side.")
+        if width * height > MAX_IMAGE_PIXELS:
+            raise InputError(f"reference image {n + 1} is {width}x{height} pixels, more than the "
+                             f"{MAX_IMAGE_PIXELS:,} this pack takes; scale it down (FLUX.2 resizes references to "
+                             "about 1 megapixel anyway).")
+    return to_pil(reference_images) if torch.is_tensor(reference_images) else list(reference_images)
+
+
 @torch.no_grad()
 def sample(transformer, vae, conditioning: Flux2Conditioning, params: SamplingParams, *,
            reference_images: torch.Tensor | list | None = None, negative: Flux2Conditioning | None = None,
@@ -156,13 +185,7 @@ def sample(transformer, vae, conditioning: Flux2Conditioning, params: SamplingPa
             on_step(i + 1, params.steps, lambda: packed_to_latent(latents, h, w).float())
         return {}
 
-    images = None
-    if reference_images is not None:
-        images = to_pil(reference_images) if torch.is_tensor(reference_images) else list(reference_images)
-        for n, img in enumerate(images):
-            if min(img.size) < 64:
-                raise InputError(f"reference image {n + 1} is {img.size[0]}x{img.size[1]}; reference images must "
-                                 "be at least 64 pixels on each side.")
+    images = reference_pil_images(reference_images)
     kwargs = dict(
         image=images, prompt_embeds=conditioning.prompt_embeds.to(device, torch.float32),
         height=params.height, width=params.width, num_inference_steps=params.steps, guidance_scale=params.guidance,

@@ -54,3 +54,35 @@ def test_reference_images_are_decoded_with_bounds(tmp_path, width, height):
     path = _png_header_claiming(tmp_path, width, height)
     with pytest.raises(InputError, match=re.escape(f"--reference '{path}'")):
         _open_references([str(path)])
+
+
+def _image_of(height: int, width: int, batch: int = 1, channels: int = 3) -> torch.Tensor:
+    """An IMAGE tensor of that shape that allocates one pixel (an expanded view): shape checks must not touch pixels."""
+    return torch.zeros(1, 1, 1, 1).expand(batch, height, width, channels)
+
+
+@pytest.mark.parametrize("image, named", [
+    (_image_of(9000, 8193), "reference image 1 is 8193x9000 pixels"),
+    (_image_of(64, 1_100_000, batch=2), "reference image 1 is 1100000x64 pixels"),
+    (_image_of(63, 512), "reference image 1 is 512x63"),
+    (_image_of(512, 512, channels=1), "reference_images has shape (1, 512, 512, 1)"),
+    (torch.zeros(512, 512, 3), "reference_images has shape (512, 512, 3)"),
+    (torch.zeros(0, 512, 512, 3), "reference_images has shape (0, 512, 512, 3)"),
+])
+def test_reference_image_tensors_are_bounded_before_any_pixel_is_converted(image, named):
+    from flux2_accel.optim.sampling import reference_pil_images
+
+    with pytest.raises(InputError, match=re.escape(named)):
+        reference_pil_images(image)
+
+
+def test_reference_images_within_bounds_pass_through_as_pil():
+    from PIL import Image
+
+    from flux2_accel.optim.sampling import reference_pil_images
+
+    images = reference_pil_images(torch.full((2, 64, 96, 3), 0.5))
+    assert [im.size for im in images] == [(96, 64), (96, 64)] and images[0].getpixel((0, 0)) == (128, 128, 128)
+    small = Image.new("RGB", (64, 40))
+    with pytest.raises(InputError, match=re.escape("reference image 2 is 64x40")):
+        reference_pil_images([Image.new("RGB", (64, 64)), small])
