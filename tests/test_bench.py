@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from flux2_accel.optim import cli
-from flux2_accel.optim.bench import BenchOptions, run_bench
+from flux2_accel.optim.bench.runner import BenchOptions, run_bench
 from flux2_accel.optim.bench.models import CONFIGS
 from flux2_accel.optim.bench.report import document, format_table, write_json
 from flux2_accel.optim.bench.rows import DEFAULT_ROWS, OK, ROW_NAMES, RowResult
@@ -183,7 +183,7 @@ def test_compile_row_measures_cold_and_warm_compiles_and_no_recompiles():
 
 
 def test_speedup_pairs_rounds_when_rows_are_interleaved():
-    from flux2_accel.optim.bench import speedup
+    from flux2_accel.optim.bench.runner import speedup
 
     baseline, row = [1.0, 2.0, 1.2], [0.5, 1.0, 0.6]  # the machine slowed down in round 2, for both rows alike
     assert speedup(baseline, row, paired=True) == 2.0
@@ -232,7 +232,7 @@ def test_bad_attention_backend_is_refused_naming_the_option():
 
 
 def test_a_row_that_raises_is_recorded_and_the_others_run(monkeypatch):
-    from flux2_accel.optim.bench import FAIL_ROWS_ENV
+    from flux2_accel.optim.bench.runner import FAIL_ROWS_ENV
 
     monkeypatch.setenv(FAIL_ROWS_ENV, "fp8")
     rows, _ = run_bench(tiny_options(rows=("fp8", "pack-bf16"), steps=2, interleave=False))

@@ -25,6 +25,7 @@ from ..precision import psnr, weight_bytes
 from ..sampling import float32_latents
 from .measure import PeakMemory, Stopwatch, latent_deviation, median
 from .models import SCHEDULER_CONFIG, BenchModel
+from .settings import DEFAULT_ROWS, GPU_ONLY_ROWS, ROW_NAMES  # noqa: F401 (re-exported)
 
 OK, UNAVAILABLE, ERROR = "ok", "unavailable", "error"
 
@@ -650,9 +651,8 @@ ROWS: tuple[Row, ...] = (
     Row("attn-flash", "attention_backend flash (flash-attn 3 on Hopper, else 2)", attention_row("flash")),
     Row("attn-sage", "attention_backend sage (SageAttention, 8-bit QK)", attention_row("sage")),
 )
-ROW_NAMES = tuple(r.name for r in ROWS)
-GPU_ONLY_ROWS = ("nf4-offload", "attn-cudnn", "attn-flash", "attn-sage")
-DEFAULT_ROWS = tuple(n for n in ROW_NAMES if n not in GPU_ONLY_ROWS)
+if tuple(r.name for r in ROWS) != ROW_NAMES:  # the names --help lists (settings.py) are the rows that run
+    raise ImportError("optim/bench/settings.py ROW_NAMES must list rows.ROWS' names, in order")
 
 
 def fidelity(result: RowResult, latent: torch.Tensor, reference_latent: torch.Tensor, image: torch.Tensor,

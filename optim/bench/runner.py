@@ -19,17 +19,12 @@ import torch
 from ..cli_models import torch_device
 from ..errors import InputError
 from .models import CONFIGS, REAL_CONFIGS, BenchModel
+from .settings import DEFAULT_CONFIG, DEFAULT_REPEATS, DEFAULT_SIZE, DEFAULT_STEPS, DEFAULT_WARMUP, SEED
 from .rows import (DEFAULT_ROWS, ERROR, OK, ROW_NAMES, ROWS, UNAVAILABLE, BenchContext, RowResult, Unavailable,
                    fidelity, release)
 
 log = logging.getLogger("flux2_accel")
 
-DEFAULT_CONFIG = "small"
-DEFAULT_SIZE = 128
-DEFAULT_STEPS = 6
-DEFAULT_REPEATS = 3
-DEFAULT_WARMUP = 1
-SEED = 0
 FAIL_ROWS_ENV = "FLUX2_ACCEL_BENCH_FAIL_ROWS"  # test hook: comma-separated rows that raise when they start
 
 
