@@ -50,7 +50,11 @@ class RowResult:
     note: str | None = None  # how to read a row that ran
     sec_per_step: float | None = None
     sec_per_image: float | None = None
-    speedup_vs_baseline: float | None = None
+    speedup_vs_baseline: float | None = None  # the median ratio; read it with speedup_verdict (measure.Speedup)
+    speedup_min: float | None = None  # the spread of the ratios it is the median of
+    speedup_max: float | None = None
+    speedup_rounds: int | None = None  # timed rounds it is over
+    speedup_verdict: str | None = None  # reference, clear, within noise, too few rounds
     peak_mem_bytes: int | None = None
     peak_vram_bytes: int | None = None  # CUDA only: torch.cuda.max_memory_allocated over the timed runs
     weight_bytes: int | None = None
