@@ -29,11 +29,11 @@ COMMANDS = {
     "generate": Command("text-to-image (or edit) with given model files, or --demo with tiny random weights",
                         "cli_args:add_generate_arguments", "generate", "cli_args:check_generate"),
     "serve-text-encoder": Command("serve a local text encoder over HTTP for Remote Text Encode nodes",
-                                  "remote.server:add_arguments", "remote.server"),
+                                  "cli_args:add_serve_arguments", "remote.server"),
     "calibrate-teacache": Command("fit TeaCache coefficients for a FLUX.2 model from real runs",
                                   "cli_args:add_calibrate_arguments", "caching.calibrate", "cli_args:check_calibrate"),
     "bench": Command("benchmark the pack's rows against bare diffusers on random weights (time, memory, fidelity)",
-                     "bench:add_arguments", "bench"),
+                     "cli_args:add_bench_arguments", "bench.command"),
     "queue": Command("queue an API-format workflow on a running ComfyUI, show progress, save its images",
                      "queue_client:add_arguments", "queue_client"),
 }

@@ -12,12 +12,13 @@ import math
 import os
 from pathlib import Path
 
+from .bench import settings as bench
 from .caching import DEFAULT_THRESHOLDS, METHODS, CacheSettings
 from .compile_settings import DYNAMIC, MODES, SCOPES, CompileSettings
 from .errors import InputError
 from .options import (ATTENTION_BACKENDS, DEFAULT_ATTENTION_BACKEND, MAX_BATCH_SIZE, MAX_GUIDANCE, MAX_RESOLUTION,
                       MAX_SEED, MAX_STEPS, OFFLOAD_MODES, SIZE_MULTIPLE, TEXT_ENCODER_PRECISIONS,
-                      TRANSFORMER_PRECISIONS)
+                      REMOTE_BODY_TIMEOUT_S, REMOTE_REPLY_FORMATS, REMOTE_TOKEN_ENV, TRANSFORMER_PRECISIONS)
 
 DEMO_SIZE = 64
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -262,3 +263,72 @@ def port_number(text: str) -> int:
 
 
 port_number.__name__ = "port"
+
+
+def add_serve_arguments(p) -> None:
+    p.add_argument("--text-encoder", required=True, help="text encoder: .safetensors file or diffusers folder")
+    p.add_argument("--tokenizer", help="tokenizer folder, for single-file text encoders without one embedded")
+    p.add_argument("--precision", default=TEXT_ENCODER_PRECISIONS[0], choices=TEXT_ENCODER_PRECISIONS,
+                   help="default %(default)s")
+    add_device_argument(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface; "
+                                                       "default %(default)s)")
+    p.add_argument("--port", type=port_number, default=8199, help="1-65535 (default %(default)s)")
+    p.add_argument("--token-env", default=REMOTE_TOKEN_ENV,
+                   help="environment variable holding the token clients must send (default %(default)s)")
+    p.add_argument("--no-auth", action="store_true", help="serve without a token (only on a trusted network)")
+    p.add_argument("--batch-window-ms", type=float, default=5.0,
+                   help="how long to collect requests into one batch (default %(default)s)")
+    p.add_argument("--max-batch", type=int, default=16, help="most prompts encoded in one batch (default %(default)s)")
+    p.add_argument("--body-timeout", type=float, default=REMOTE_BODY_TIMEOUT_S,
+                   help="seconds a client has to send its whole request body before it gets 408 and is dropped "
+                        "(default %(default)g)")
+    p.add_argument("--default-format", choices=REMOTE_REPLY_FORMATS, default=REMOTE_REPLY_FORMATS[0],
+                   help="reply format for clients whose Accept header names none (torch suits diffusers' client; "
+                        "default %(default)s)")
+
+
+# ---------------------------------------------------------------- bench
+
+def add_bench_arguments(p) -> None:
+    p.add_argument("--config", choices=bench.CONFIG_NAMES, default=bench.DEFAULT_CONFIG,
+                   help="model size: tiny, small (CPU-sized), or the real klein-4b, klein-9b, dev (for GPUs; "
+                        "default %(default)s)")
+    p.add_argument("--height", type=int, default=bench.DEFAULT_SIZE, help="default %(default)s")
+    p.add_argument("--width", type=int, default=bench.DEFAULT_SIZE, help="default %(default)s")
+    p.add_argument("--steps", type=int, default=bench.DEFAULT_STEPS, help="default %(default)s")
+    p.add_argument("--repeats", type=int, default=bench.DEFAULT_REPEATS,
+                   help="timed runs (rounds) per row; the median is reported, with the spread of the per-round "
+                        "speedups; fewer than 3 give no speedup (default %(default)s)")
+    p.add_argument("--warmup", type=int, default=bench.DEFAULT_WARMUP,
+                   help="untimed runs per row before the timed ones (default %(default)s)")
+    add_device_argument(p)
+    p.add_argument("--rows", default=",".join(bench.DEFAULT_ROWS),
+                   help=f"comma-separated rows to run (baseline always runs): {','.join(bench.ROW_NAMES)} (default: "
+                        "all but the GPU-only " + ", ".join(bench.GPU_ONLY_ROWS) + ")")
+    p.add_argument("--text-tokens", type=int, default=None,
+                   help="length of the random text embeddings (default 512 for real sizes, 32 otherwise)")
+    p.add_argument("--seed", type=int, default=bench.SEED, help="default %(default)s")
+    p.add_argument("--interleave", choices=("auto", "on", "off"), default="auto",
+                   help="time the rows round-robin (every row's modules resident at once), so load that drifts on "
+                        "a shared machine hits all rows alike; auto: on except for the real sizes (default "
+                        "%(default)s)")
+    p.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="sdpa",
+                   help="attention kernel of every pack row (the attn-* rows each measure one); default %(default)s, "
+                        "so pack-bf16 stays comparable bit for bit with bare diffusers")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend of the compile and all-on rows (aot_eager: no code generation; "
+                        "default %(default)s)")
+    p.add_argument("--warmup-steps", type=int, default=None,
+                   help="steps of each warm-up run (same shapes, so kernels and compiled code are warm); "
+                        "default: --steps")
+    p.add_argument("--preset", choices=("device-check",),
+                   help="device-check: the prepared GPU check, FLUX.2 [dev] and [klein] 4B at 1024x1024 with every "
+                        "row that matters, into --out (see scripts/device_check.sh); other options are ignored "
+                        "but --sizes, --device and --compile-backend (default: none)")
+    p.add_argument("--out", metavar="DIR", help="--preset: the folder for its JSON, table, charts")
+    p.add_argument("--sizes", choices=("real", "tiny"), default="real",
+                   help="--preset: real model sizes, or tiny ones (the same path on a CPU in seconds, for tests; "
+                        "default %(default)s)")
+    p.add_argument("--json", metavar="FILE", help="write the results as JSON (schema: docs/benchmark.md)")
+    p.add_argument("--plot", metavar="FILE.png", help="write a chart of speedup against deviation")

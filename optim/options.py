@@ -19,3 +19,8 @@ MAX_STEPS = 200
 MAX_BATCH_SIZE = 64
 MAX_SEED = 0xFFFF_FFFF_FFFF_FFFF
 MAX_GUIDANCE = 100.0
+
+# Remote text encoding (the client, `serve-text-encoder`'s flags and its server).
+REMOTE_TOKEN_ENV = "FLUX2_ACCEL_REMOTE_TOKEN"  # the token variable, client and server
+REMOTE_REPLY_FORMATS = ("safetensors", "torch")  # reply formats of the encoder endpoint (remote/protocol.py)
+REMOTE_BODY_TIMEOUT_S = 30.0  # a client that announces a body and does not send it is dropped after this

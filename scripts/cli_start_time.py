@@ -14,14 +14,13 @@ import subprocess
 import sys
 import time
 
+from flux2_accel.optim.cli import COMMANDS  # torch-free, as the command line's start is
+
 CASES = (
     ["--help"],
-    ["generate", "--help"],
-    ["calibrate-teacache", "--help"],
-    ["queue", "--help"],
-    ["serve-text-encoder", "--help"],
-    ["bench", "--help"],
+    *([name, "--help"] for name in COMMANDS),  # every subcommand's help
     ["genrate"],
+    ["bench", "--config", "huge"],
     ["generate", "--demo", "--width", "0"],
     ["generate", "--demo", "--steps", "100000"],
     ["generate", "--transformer", "missing.safetensors"],

@@ -148,9 +148,10 @@ def test_embedding_cache_size_setting_is_checked(monkeypatch, value):
 
 # ---------------------------------------------------------------- fast start: no torch before the arguments are good
 
-@pytest.mark.parametrize("argv", [["--help"], ["generate", "--help"], ["calibrate-teacache", "--help"],
-                                  ["queue", "--help"], ["generate", "--demo", "--width", "0"],
-                                  ["generate", "--transformer", "missing.safetensors"], ["genrate"]])
+@pytest.mark.parametrize("argv", [["--help"], *([name, "--help"] for name in cli.COMMANDS),
+                                  ["generate", "--demo", "--width", "0"],
+                                  ["generate", "--transformer", "missing.safetensors"], ["genrate"],
+                                  ["bench", "--config", "huge"], ["serve-text-encoder", "--port", "99999"]])
 def test_help_and_argument_errors_load_no_model_library(argv):
     code = ("import sys\nfrom flux2_accel.optim import cli\ntry:\n    cli.main(sys.argv[1:])\nexcept SystemExit:\n"
             "    pass\nprint('LOADED', sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from flux2_accel.optim.bench import FAIL_ROWS_ENV
+from flux2_accel.optim.bench.runner import FAIL_ROWS_ENV
 from flux2_accel.optim.bench.device_check import JSON_NAME, LOG_NAME, SECTIONS, TABLE_NAME, section_options
 from flux2_accel.optim.bench.rows import ERROR, OK, ROW_NAMES, UNAVAILABLE
 

@@ -8,6 +8,7 @@ rows' modules resident.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -97,3 +98,65 @@ def median(values: list[float]) -> float:
     s = sorted(values)
     n = len(s)
     return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+
+
+# ---------------------------------------------------------------- speedups, their spread, and when to trust them
+
+MIN_ROUNDS = 3  # fewer timed rounds give no speedup: the median of two ratios is their mean, one outlier decides it
+REFERENCE, CLEAR, WITHIN_NOISE, TOO_FEW_ROUNDS = "reference", "clear", "within noise", "too few rounds"
+
+
+@dataclass(frozen=True)
+class Speedup:
+    """How many times faster than the baseline a row ran, and how far to trust it.
+
+    `ratios`: the comparable ratios of baseline time to row time. Paired (rows timed round-robin): one per round,
+    the baseline's time over the row's in the same round, so load that drifts between rounds cancels out. Not paired
+    (one row after another): every baseline run over every row run. `value` is their median (paired) or the ratio
+    of the median times; `low`-`high` their spread (min-max). `verdict`: `reference` (the baseline itself),
+    `too few rounds` (under MIN_ROUNDS: no figure), `within noise` (the spread is larger than the figure's distance
+    from 1.0: it cannot tell faster from slower) or `clear`."""
+
+    value: float
+    low: float
+    high: float
+    rounds: int
+    paired: bool
+    reference: bool = False
+
+    @property
+    def verdict(self) -> str:
+        if self.reference:
+            return REFERENCE
+        if self.rounds < MIN_ROUNDS:
+            return TOO_FEW_ROUNDS
+        return WITHIN_NOISE if self.high - self.low > abs(self.value - 1.0) else CLEAR
+
+    @property
+    def shown(self) -> float | None:
+        """The figure to print, None where there is none to trust the median of (too few rounds)."""
+        return None if self.verdict == TOO_FEW_ROUNDS else self.value
+
+
+def speedup(baseline_seconds: list[float], row_seconds: list[float], paired: bool,
+            reference: bool = False) -> Speedup:
+    """The row's Speedup over the baseline from both rows' timed runs (see `Speedup`); paired only where both ran
+    the same rounds."""
+    paired = paired and len(baseline_seconds) == len(row_seconds)
+    if paired:
+        ratios = [b / r for b, r in zip(baseline_seconds, row_seconds)]
+        value = median(ratios)
+    else:
+        ratios = [b / r for b in baseline_seconds for r in row_seconds]
+        value = median(baseline_seconds) / median(row_seconds)
+    return Speedup(value, min(ratios), max(ratios), min(len(baseline_seconds), len(row_seconds)), paired,
+                   reference)
+
+
+def speedup_warnings(rounds: list[int]) -> list[str]:
+    """What the output must say about the rows' timed rounds (`rounds`: each timed row's)."""
+    few = min(rounds, default=MIN_ROUNDS)
+    if few >= MIN_ROUNDS:
+        return []
+    return [f"warning: {few} timed round{'s' if few != 1 else ''} per row, fewer than {MIN_ROUNDS}: speedups are "
+            f"n/a (the median of so few ratios is one outlier's); run with --repeats {MIN_ROUNDS} or more"]

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..tiny import SMALL, TINY, TINY_KLEIN, ComponentSpec
+from .settings import CONFIG_NAMES
 
 # The real members of the family (shapes from the shipped configs; /work/shared/recipes/README.txt). The text width
 # is the encoder's hidden size: joint_attention_dim is three of its layers stacked (3 x 2560 = 7680 for klein-4B's
@@ -30,6 +31,8 @@ DEV = dataclasses.replace(KLEIN_4B, family="dev", num_layers=8, num_single_layer
 CONFIGS: dict[str, ComponentSpec] = {"tiny": TINY, "tiny-klein": TINY_KLEIN, "small": SMALL, "klein-4b": KLEIN_4B,
                                      "klein-9b": KLEIN_9B, "dev": DEV}
 REAL_CONFIGS = ("klein-4b", "klein-9b", "dev")
+if tuple(CONFIGS) != CONFIG_NAMES:  # the names --help lists (settings.py) are the configs that exist
+    raise ImportError("optim/bench/settings.py CONFIG_NAMES must list models.CONFIGS' names, in order")
 
 # FLUX.2's shipped scheduler (scheduler/scheduler_config.json). The baseline builds its own scheduler from these
 # values, so the pack's scheduler is checked against them by `pack-bf16` being bit-identical to `baseline`.

@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+from .measure import TOO_FEW_ROUNDS, WITHIN_NOISE, speedup_warnings
 from .rows import OK, RowResult
 
 SCHEMA_VERSION = 1
@@ -15,7 +16,8 @@ _COLUMNS = (  # header, width, cell
     ("status", 11, lambda r: r.status),
     ("s/step", 8, lambda r: _num(r.sec_per_step, "{:.4f}")),
     ("s/image", 8, lambda r: _num(r.sec_per_image, "{:.3f}")),
-    ("speedup", 7, lambda r: _num(r.speedup_vs_baseline, "{:.2f}x")),
+    ("speedup", 13, lambda r: speedup_cell(r)),
+    ("ratio min-max", 13, lambda r: spread_cell(r)),
     ("peak MiB", 8, lambda r: _num(r.peak_mem_bytes, "{:.1f}", 1 / 2**20)),
     ("weights MiB", 11, lambda r: _num(r.weight_bytes, "{:.2f}", 1 / 2**20)),
     ("steps run/skip", 14, lambda r: "-" if r.computed_steps is None else f"{r.computed_steps}/{r.skipped_steps}"),
@@ -26,6 +28,27 @@ _COLUMNS = (  # header, width, cell
     ("rel_l2", 8, lambda r: _num(r.rel_l2, "{:.3g}")),
     ("psnr dB", 7, lambda r: "-" if r.psnr is None else ("inf" if math.isinf(r.psnr) else f"{r.psnr:.1f}")),
 )
+
+
+NOISE_NOTE = (f"(noise): {WITHIN_NOISE}: the per-round ratios spread wider than the speedup's distance from 1.0, so "
+              "it tells neither faster nor slower")
+
+
+def speedup_cell(r: RowResult) -> str:
+    """The speedup as the outputs show it: n/a with too few rounds, marked where it is within noise."""
+    if r.speedup_vs_baseline is None:
+        return "-"
+    if r.speedup_verdict == TOO_FEW_ROUNDS:
+        return "n/a"
+    return f"{r.speedup_vs_baseline:.2f}x" + (" (noise)" if r.speedup_verdict == WITHIN_NOISE else "")
+
+
+def spread_cell(r: RowResult) -> str:
+    return "-" if r.speedup_min is None else f"{r.speedup_min:.2f}-{r.speedup_max:.2f}"
+
+
+def warnings(rows: list[RowResult]) -> list[str]:
+    return speedup_warnings([r.speedup_rounds for r in rows if r.speedup_rounds is not None])
 
 
 def _num(value, fmt: str, scale: float = 1.0) -> str:
@@ -40,9 +63,11 @@ def format_table(rows: list[RowResult]) -> str:
         lines.append("  ".join(c.ljust(w) if i < 2 else c.rjust(w)
                                for i, (c, (_, w, _)) in enumerate(zip(cells, _COLUMNS))))
     notes = [f"  {r.name}: {r.reason or r.note}" for r in rows if r.reason or r.note]
+    if any(r.speedup_verdict == WITHIN_NOISE for r in rows):
+        notes.append("  " + NOISE_NOTE)
     if notes:
         lines += ["", "notes:"] + notes
-    return "\n".join(lines)
+    return "\n".join(warnings(rows) + lines)
 
 
 _MARKDOWN = (  # header, cell
@@ -50,7 +75,8 @@ _MARKDOWN = (  # header, cell
     ("status", lambda r: r.status),
     ("s/step", lambda r: _num(r.sec_per_step, "{:.3f}")),
     ("s/image", lambda r: _num(r.sec_per_image, "{:.2f}")),
-    ("speedup", lambda r: _num(r.speedup_vs_baseline, "{:.2f}x")),
+    ("speedup", speedup_cell),
+    ("ratio min-max", spread_cell),
     ("peak VRAM GiB", lambda r: _num(r.peak_vram_bytes, "{:.1f}", 1 / 2**30)),
     ("steps run/skip", lambda r: "-" if r.computed_steps is None else f"{r.computed_steps}/{r.skipped_steps}"),
     ("compile s", lambda r: _num(r.compile_s_cold, "{:.0f}")),
@@ -65,11 +91,12 @@ def format_markdown(rows: list[RowResult]) -> str:
     """The README's table: one markdown row per bench row, failures and their reasons included."""
     lines = ["| " + " | ".join(h for h, _ in _MARKDOWN) + " |", "|" + " --- |" * len(_MARKDOWN)]
     lines += ["| " + " | ".join(cell(r) for _, cell in _MARKDOWN) + " |" for r in rows]
-    return "\n".join(lines)
+    extra = warnings(rows) + ([NOISE_NOTE] if any(r.speedup_verdict == WITHIN_NOISE for r in rows) else [])
+    return "\n".join(lines + ([""] + extra if extra else []))
 
 
 def document(rows: list[RowResult], machine: dict, options: dict) -> dict:
-    return {"schema_version": SCHEMA_VERSION, "machine": machine, "options": options,
+    return {"schema_version": SCHEMA_VERSION, "machine": machine, "options": options, "warnings": warnings(rows),
             "rows": [r.to_json() for r in rows]}
 
 
@@ -85,13 +112,21 @@ def plot(path: str | Path, rows: list[RowResult], title: str) -> None:
     import matplotlib.pyplot as plt
     import matplotlib.ticker  # noqa: F401
 
-    points = [r for r in rows if r.status == OK and r.speedup_vs_baseline is not None and r.rel_l2 is not None]
+    points = [r for r in rows if r.status == OK and r.speedup_vs_baseline is not None and r.rel_l2 is not None
+              and r.speedup_verdict != TOO_FEW_ROUNDS]  # no figure to plot
+    if any(r.speedup_verdict == TOO_FEW_ROUNDS for r in rows):
+        title += f" ({'; '.join(warnings(rows))})".replace("warning: ", "")
     nonzero = [r.rel_l2 for r in points if r.rel_l2 > 0]
     floor = min(nonzero) / 10 if nonzero else 1e-6
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     xy = [(r.rel_l2 if r.rel_l2 > 0 else floor, r.speedup_vs_baseline) for r in points]
     for r, (x, y) in zip(points, xy):
-        ax.scatter(x, y, color="tab:blue" if r.rel_l2 > 0 else "tab:green", zorder=3)
+        color = "tab:blue" if r.rel_l2 > 0 else "tab:green"
+        noise = r.speedup_verdict == WITHIN_NOISE
+        if r.speedup_min is not None:  # the spread of the per-round ratios
+            ax.errorbar(x, y, yerr=[[y - r.speedup_min], [r.speedup_max - y]], color="grey" if noise else color,
+                        lw=0.8, capsize=2, zorder=2)
+        ax.scatter(x, y, facecolors="none" if noise else color, edgecolors="grey" if noise else color, zorder=3)
     ax.set_xscale("log")
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     fig.canvas.draw()  # fixes the limits, so labels can be spaced in screen units
@@ -102,13 +137,15 @@ def plot(path: str | Path, rows: list[RowResult], title: str) -> None:
         while any(abs(px - qx) < 70 and abs(py + dy - qy) < 14 for qx, qy in placed):
             dy += 14  # one label per line where points crowd (bit-exact rows share an x)
         placed.append((px, py + dy))
-        ax.annotate(r.name, (x, y), textcoords="offset points", xytext=(5, dy * 72 / fig.dpi), fontsize=8,
+        label = r.name + (f" ({WITHIN_NOISE})" if r.speedup_verdict == WITHIN_NOISE else "")
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, dy * 72 / fig.dpi), fontsize=8,
                     arrowprops=dict(arrowstyle="-", lw=0.4, color="grey") if dy > 4 else None)
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax.axvline(floor, color="tab:green", lw=0.8, ls=":")
     ax.text(floor, ax.get_ylim()[0], " bit-exact", color="tab:green", fontsize=7, va="bottom")
     ax.set_xlabel("deviation from baseline: rel_l2 of latents (log)")
-    ax.set_ylabel("speedup vs bare diffusers (x)")
+    ax.set_ylabel("speedup vs bare diffusers (x; bars: min-max of the ratios;\nhollow grey: within noise)",
+                  fontsize=8)
     ax.set_title(title, fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()

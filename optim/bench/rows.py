@@ -25,6 +25,7 @@ from ..precision import psnr, weight_bytes
 from ..sampling import float32_latents
 from .measure import PeakMemory, Stopwatch, latent_deviation, median
 from .models import SCHEDULER_CONFIG, BenchModel
+from .settings import DEFAULT_ROWS, GPU_ONLY_ROWS, ROW_NAMES  # noqa: F401 (re-exported)
 
 OK, UNAVAILABLE, ERROR = "ok", "unavailable", "error"
 
@@ -49,7 +50,11 @@ class RowResult:
     note: str | None = None  # how to read a row that ran
     sec_per_step: float | None = None
     sec_per_image: float | None = None
-    speedup_vs_baseline: float | None = None
+    speedup_vs_baseline: float | None = None  # the median ratio; read it with speedup_verdict (measure.Speedup)
+    speedup_min: float | None = None  # the spread of the ratios it is the median of
+    speedup_max: float | None = None
+    speedup_rounds: int | None = None  # timed rounds it is over
+    speedup_verdict: str | None = None  # reference, clear, within noise, too few rounds
     peak_mem_bytes: int | None = None
     peak_vram_bytes: int | None = None  # CUDA only: torch.cuda.max_memory_allocated over the timed runs
     weight_bytes: int | None = None
@@ -650,9 +655,8 @@ ROWS: tuple[Row, ...] = (
     Row("attn-flash", "attention_backend flash (flash-attn 3 on Hopper, else 2)", attention_row("flash")),
     Row("attn-sage", "attention_backend sage (SageAttention, 8-bit QK)", attention_row("sage")),
 )
-ROW_NAMES = tuple(r.name for r in ROWS)
-GPU_ONLY_ROWS = ("nf4-offload", "attn-cudnn", "attn-flash", "attn-sage")
-DEFAULT_ROWS = tuple(n for n in ROW_NAMES if n not in GPU_ONLY_ROWS)
+if tuple(r.name for r in ROWS) != ROW_NAMES:  # the names --help lists (settings.py) are the rows that run
+    raise ImportError("optim/bench/settings.py ROW_NAMES must list rows.ROWS' names, in order")
 
 
 def fidelity(result: RowResult, latent: torch.Tensor, reference_latent: torch.Tensor, image: torch.Tensor,

@@ -4,11 +4,14 @@ machine description. `flux2-accel bench` (this package's __init__) and the devic
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import platform
+import signal
 import tempfile
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -18,18 +21,15 @@ import torch
 
 from ..cli_models import torch_device
 from ..errors import InputError
+from .measure import speedup
 from .models import CONFIGS, REAL_CONFIGS, BenchModel
+from .settings import DEFAULT_CONFIG, DEFAULT_REPEATS, DEFAULT_SIZE, DEFAULT_STEPS, DEFAULT_WARMUP, SEED
 from .rows import (DEFAULT_ROWS, ERROR, OK, ROW_NAMES, ROWS, UNAVAILABLE, BenchContext, RowResult, Unavailable,
                    fidelity, release)
 
 log = logging.getLogger("flux2_accel")
 
-DEFAULT_CONFIG = "small"
-DEFAULT_SIZE = 128
-DEFAULT_STEPS = 6
-DEFAULT_REPEATS = 3
-DEFAULT_WARMUP = 1
-SEED = 0
+WORKDIR_PREFIX = "flux2-accel-bench-"
 FAIL_ROWS_ENV = "FLUX2_ACCEL_BENCH_FAIL_ROWS"  # test hook: comma-separated rows that raise when they start
 
 
@@ -52,6 +52,7 @@ class BenchOptions:
     warmup_steps: int | None = None  # steps of a warm-up run (same shapes, so everything is warm); None: --steps
     cold_process_compile: bool = True  # the compile row also compiles in a fresh process (cold compile time)
     deadline_s: float | None = None  # rows not started this many seconds after the start are not run (reported)
+    temp_dir: str | None = None  # where the run's work folder (flux2-accel-bench-*) goes; None: the system's temp
 
     def validate(self) -> None:
         from ..attention import BACKENDS
@@ -107,7 +108,7 @@ def run_bench(options: BenchOptions, progress=None, on_row=None) -> tuple[list[R
                for r in rows}
     warm_params = (params if options.warmup_steps is None
                    else dataclasses.replace(params, steps=min(options.warmup_steps, options.steps)))
-    with tempfile.TemporaryDirectory(prefix="flux2-accel-bench-") as workdir:
+    with terminate_unwinds(), tempfile.TemporaryDirectory(prefix=WORKDIR_PREFIX, dir=options.temp_dir) as workdir:
         ctx = BenchContext(model, params, model.prompt_embeds(options.tokens), vae, options.warmup, Path(workdir),
                            warm_params=warm_params, attention_backend=options.attention_backend,
                            compile_backend=options.compile_backend,
@@ -123,6 +124,25 @@ def run_bench(options: BenchOptions, progress=None, on_row=None) -> tuple[list[R
         machine["fbcache_half_threshold"] = ctx.calibrated_threshold
         machine["fbcache_half_skips_on_baseline"] = ctx.calibrated_skips
     return list(results.values()), machine
+
+
+@contextlib.contextmanager
+def terminate_unwinds():
+    """SIGTERM raises SystemExit(143) while the block runs, as SIGINT raises KeyboardInterrupt, so a bench stopped
+    either way unwinds and removes its work folder (the default SIGTERM action ends the process on the spot). Only in
+    the main thread, where Python runs signal handlers; the previous handler comes back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def injected_failures() -> set[str]:
@@ -204,7 +224,9 @@ class _Bench:
             self.reference = (measured.latent, image, result)
         reference_latent, reference_image, baseline = self.reference
         fidelity(result, measured.latent, reference_latent, image, reference_image)
-        result.speedup_vs_baseline = speedup(baseline.run_seconds, result.run_seconds, self.paired)
+        ratio = speedup(baseline.run_seconds, result.run_seconds, self.paired, reference=result is baseline)
+        result.speedup_vs_baseline, result.speedup_verdict = ratio.value, ratio.verdict
+        result.speedup_min, result.speedup_max, result.speedup_rounds = ratio.low, ratio.high, ratio.rounds
         self.say(f"bench: {name} ok, {result.sec_per_step:.4f} s/step")
 
     def sequential(self, rows, repeats: int) -> None:
@@ -232,17 +254,6 @@ class _Bench:
             self._finish(name, runs.pop(name))
         release()
         self.on_row(self.results)
-
-
-def speedup(baseline_seconds: list[float], row_seconds: list[float], paired: bool) -> float:
-    """How many times faster than the baseline. Paired (rows timed round-robin): the median over rounds of the
-    baseline's time over the row's time in the same round, so load that drifts between rounds cancels out.
-    Otherwise: the ratio of the medians."""
-    from .measure import median
-
-    if paired and len(baseline_seconds) == len(row_seconds):
-        return median([b / r for b, r in zip(baseline_seconds, row_seconds)])
-    return median(baseline_seconds) / median(row_seconds)
 
 
 def _fill(result: RowResult, measured, params) -> None:

@@ -41,13 +41,13 @@ from urllib.parse import urlsplit
 import torch
 
 from ..errors import Flux2AccelError, InputError, Interrupted
+from ..options import REMOTE_TOKEN_ENV as TOKEN_ENV
 from ..text_encoding import Flux2Conditioning
 from .embedding_cache import EmbeddingCache
 from .protocol import CLIENT_ACCEPT, FLOAT_DTYPES, PUBLIC_URL, ReplyFormatError, decode_tensor
 
 log = logging.getLogger("flux2_accel")
 
-TOKEN_ENV = "FLUX2_ACCEL_REMOTE_TOKEN"
 HF_TOKEN_ENV = "HF_TOKEN"
 SETTINGS_TOKEN_ID = "flux2accel.remote_token"
 HOSTS_ENV = "FLUX2_ACCEL_REMOTE_HOSTS"

@@ -21,13 +21,14 @@ from itertools import accumulate
 import torch
 
 from ..errors import Flux2AccelError
+from ..options import REMOTE_REPLY_FORMATS
 
 PUBLIC_URL = "https://remote-text-encoder-flux-2.huggingface.co/predict"
 PREDICT_PATH = "/predict"
 
 SAFETENSORS_TYPE = "application/x-safetensors"
 TORCH_TYPE = "application/x-pytorch"
-FORMATS = {"safetensors": SAFETENSORS_TYPE, "torch": TORCH_TYPE}
+FORMATS = dict(zip(REMOTE_REPLY_FORMATS, (SAFETENSORS_TYPE, TORCH_TYPE)))  # names shared with the CLI's flag
 TENSOR_NAME = "prompt_embeds"
 # What our client asks for: safetensors first; the public endpoint ignores Accept and sends torch bytes.
 CLIENT_ACCEPT = f"{SAFETENSORS_TYPE}, {TORCH_TYPE};q=0.5, application/octet-stream;q=0.1"

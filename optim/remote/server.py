@@ -17,16 +17,14 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from ..cli_args import port_number
 from ..errors import InputError
+from ..options import REMOTE_BODY_TIMEOUT_S as DEFAULT_BODY_TIMEOUT_S
 from .protocol import FORMATS, PREDICT_PATH, choose_format, encode_tensor, parse_prompts
 
 log = logging.getLogger("flux2_accel")
 
-from .client import TOKEN_ENV as DEFAULT_TOKEN_ENV  # one name for the token variable, client and server
 MAX_PROMPTS_PER_REQUEST = 16
 MAX_PROMPT_CHARS = 20_000
-DEFAULT_BODY_TIMEOUT_S = 30.0  # a client that announces a body and does not send it is dropped after this
 BATCHER_KEY = web.AppKey("flux2_accel_batcher", object)
 STATS_KEY = web.AppKey("flux2_accel_stats", dict)
 
@@ -185,27 +183,6 @@ def create_app(text_encoder, *, token: str | None = None, no_auth: bool = False,
 
 
 # ---------------------------------------------------------------- command line
-
-
-def add_arguments(p) -> None:
-    from ..precision import TEXT_ENCODER_PRECISIONS
-
-    p.add_argument("--text-encoder", required=True, help="text encoder: .safetensors file or diffusers folder")
-    p.add_argument("--tokenizer", help="tokenizer folder, for single-file text encoders without one embedded")
-    p.add_argument("--precision", default=TEXT_ENCODER_PRECISIONS[0], choices=TEXT_ENCODER_PRECISIONS)
-    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
-    p.add_argument("--port", type=port_number, default=8199, help="1-65535 (default %(default)s)")
-    p.add_argument("--token-env", default=DEFAULT_TOKEN_ENV,
-                   help=f"environment variable holding the token clients must send (default {DEFAULT_TOKEN_ENV})")
-    p.add_argument("--no-auth", action="store_true", help="serve without a token (only on a trusted network)")
-    p.add_argument("--batch-window-ms", type=float, default=5.0, help="how long to collect requests into one batch")
-    p.add_argument("--max-batch", type=int, default=16, help="most prompts encoded in one batch")
-    p.add_argument("--body-timeout", type=float, default=DEFAULT_BODY_TIMEOUT_S,
-                   help="seconds a client has to send its whole request body before it gets 408 and is dropped "
-                        f"(default {DEFAULT_BODY_TIMEOUT_S:g})")
-    p.add_argument("--default-format", choices=sorted(FORMATS), default="safetensors",
-                   help="reply format for clients whose Accept header names none (torch suits diffusers' client)")
 
 
 def check_port_free(host: str, port: int) -> None:
