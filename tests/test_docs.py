@@ -49,7 +49,7 @@ def _commands(lines) -> list[str]:
 def _ci_section(name: str) -> list[str]:
     lines = (ROOT / ".ci" / "run").read_text().splitlines()
     start = lines.index(f"# --- README: {name} ---") + 1
-    end = next((i for i in range(start, len(lines)) if lines[i].startswith("# --- README:")), len(lines))
+    end = next((i for i in range(start, len(lines)) if lines[i].startswith("# --- ")), len(lines))
     return _commands(lines[start:end])
 
 
