@@ -14,5 +14,13 @@ python3 -m venv "$venv"
 grep -v -E '^\s*(#|$)' "$comfy/requirements.txt" \
   | grep -v -i -E '^(torch|torchvision|torchaudio|kornia|spandrel|pyopengl|comfy-angle)\b' > "$venv/comfyui-requirements.txt"
 "$venv/bin/pip" install -q -r "$venv/comfyui-requirements.txt"
-"$venv/bin/pip" install -q -c "$pack/constraints/ci.txt" -r "$pack/requirements.txt" pytest playwright
+# The pack's pins, less what ComfyUI pins itself (its frontend, templates, docs): the checkout's own frontend is tested.
+"$venv/bin/python" - "$pack/constraints/ci.txt" "$venv/comfyui-requirements.txt" > "$venv/pack-constraints.txt" <<'PY'
+import re, sys
+norm = lambda name: re.sub(r"[-_.]+", "-", name).lower()
+comfy = {norm(l.split("==")[0]) for l in open(sys.argv[2]) if "==" in l}
+print("".join(l for l in open(sys.argv[1]) if not (l.strip() and not l.startswith("#") and norm(re.split("[=<>]", l)[0].strip()) in comfy)))
+PY
+"$venv/bin/pip" install -q -c "$venv/pack-constraints.txt" -c "$venv/comfyui-requirements.txt" -r "$pack/requirements.txt" pytest playwright
+"$venv/bin/pip" list 2>/dev/null | grep -i -E '^comfyui[-_]frontend' 
 echo "ready: COMFYUI_DIR=$comfy COMFYUI_PYTHON=$venv/bin/python"
