@@ -14,7 +14,7 @@ import ipaddress
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..errors import InputError
 from ..images import open_image_bytes
@@ -74,7 +74,7 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-def bad_field(param: str, message: str, code: str = "invalid_value") -> OpenAIError:
+def bad_field(param: str | None, message: str, code: str = "invalid_value") -> OpenAIError:
     """400: a request field is missing, of the wrong type, or out of range."""
     return OpenAIError(400, message, "invalid_request_error", param, code)
 
@@ -220,8 +220,7 @@ def parse_edit_request(fields: dict, images, *, max_n: int = DEFAULT_MAX_N) -> I
         if not isinstance(value, str):
             raise bad_field(name, f"{name} must be a text field, not a file.", "invalid_type")
     request = _parse_fields(fields, _FormReader(fields), max_n)
-    decoded = tuple(_decode_images(images))
-    return ImageRequest(**{**request.__dict__, "images": decoded})
+    return replace(request, images=tuple(_decode_images(images)))
 
 
 def _decode_images(images):
