@@ -12,7 +12,7 @@ _NODE_MAPPINGS = ("NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS")
 
 def __getattr__(name: str):
     """The node mappings, imported from .nodes when first read (PEP 562): ComfyUI reads them right after importing
-    the pack, but `flux2-accel` (optim/cli.py) passes through this file too, and its `--help` must not wait for
+    the pack, but `flux2-accel` (optim/cli/main.py) passes through this file too, and its `--help` must not wait for
     torch and diffusers, which the nodes import."""
     if name not in _NODE_MAPPINGS:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,9 +1,9 @@
 """Bridges between the pack's socket types and ComfyUI's own: conditioning both ways, and the pack's model as a
-native MODEL. Tensors cross unchanged (optim/native_conditioning.py); the model bridge is nodes/native_model.py."""
+native MODEL. Tensors cross unchanged (optim/native/conditioning.py); the model bridge is nodes/native_model.py."""
 
 from __future__ import annotations
 
-from ..optim import native_conditioning
+from ..optim.native import conditioning as native_conditioning
 from . import native_model
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..optim.caching import METHODS, CacheSettings, cache_settings
+from ..optim.features.caching import METHODS, CacheSettings, cache_settings
 
 _DEFAULTS = CacheSettings()
 

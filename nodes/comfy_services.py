@@ -8,6 +8,10 @@ from __future__ import annotations
 import logging
 import os
 
+import torch
+
+from ..optim.errors import ModelFileError
+
 log = logging.getLogger("flux2_accel")
 
 try:  # ComfyUI's modules exist only inside a running ComfyUI
@@ -19,6 +23,11 @@ try:
     import comfy.model_management as _mm  # type: ignore
 except ImportError:
     _mm = None
+
+try:
+    from comfy.cli_args import args as _comfy_args  # type: ignore
+except ImportError:
+    _comfy_args = None
 
 IN_COMFYUI = _folder_paths is not None
 
@@ -100,8 +109,6 @@ def list_diffusers_folders() -> list[str]:
 
 def resolve_model(folder_name: str, name: str) -> str:
     """Absolute path of `name` inside ComfyUI's `folder_name` folders. Names are never resolved elsewhere."""
-    from ..optim.errors import ModelFileError
-
     if not name:
         raise ModelFileError(f"No file chosen for {folder_name}: put a model in models/{folder_name} and pick it.")
     if _folder_paths is not None:
@@ -150,13 +157,23 @@ def user_directory() -> str | None:
     return _folder_paths.get_user_directory() if _folder_paths is not None else None
 
 
+def user_settings_file() -> str | None:
+    """ComfyUI's settings file for the default user, where the UI (or its /settings API) stores the pack's
+    settings ("flux2accel.remote_token", "flux2accel.api_key", ...)."""
+    user_dir = user_directory()
+    return os.path.join(user_dir, "default", "comfy.settings.json") if user_dir else None
+
+
+def listen_address() -> str:
+    """The address(es) ComfyUI listens on (its --listen, comma-separated); loopback outside ComfyUI."""
+    return str(getattr(_comfy_args, "listen", None) or "127.0.0.1")
+
+
 def temp_directory() -> str | None:
     return _folder_paths.get_temp_directory() if _folder_paths is not None else None
 
 
 def torch_device():
-    import torch
-
     if _mm is not None:
         return _mm.get_torch_device()
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,12 +1,12 @@
 """Torch Compile node: returns a model handle whose transformer runs compiled code (the input handle is untouched).
 
-Compilation itself happens at the first sampling, in the compile feature (optim/compile.py)."""
+Compilation itself happens at the first sampling, in the compile feature (optim/features/compile.py)."""
 
 from __future__ import annotations
 
 import os
 
-from ..optim.compile_settings import DYNAMIC, MODES, SCOPES, CompileSettings, compile_settings
+from ..optim.features.compile_settings import DYNAMIC, MODES, SCOPES, CompileSettings, compile_settings
 from . import comfy_services
 
 _DEFAULTS = CompileSettings()

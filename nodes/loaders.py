@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..optim import attention, layouts
-from ..optim.checkpoint import open_checkpoint
+from ..optim.features import attention
 from ..optim.handle import ModelHandle, TextEncoderHandle, VaeHandle
-from ..optim.offload import OFFLOAD_MODES
-from ..optim.precision import TEXT_ENCODER_PRECISIONS, TRANSFORMER_PRECISIONS
+from ..optim.models import layouts
+from ..optim.models.checkpoint import open_checkpoint
+from ..optim.models.precision import TEXT_ENCODER_PRECISIONS, TRANSFORMER_PRECISIONS
+from ..optim.run.offload import OFFLOAD_MODES
 from . import comfy_services
 
 DIFFUSERS_PREFIX = "[diffusers] "

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..optim.lora import LoraSpec
+from ..optim.features.lora import LoraSpec
 from . import comfy_services
 
 SLOTS = 4

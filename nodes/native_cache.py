@@ -1,6 +1,6 @@
 """Step Cache on ComfyUI's own FLUX.2 MODEL: returns a patched clone; the input MODEL is never changed.
 
-The decision, its statistics and the block-layout adapter are the engine's (optim/caching/bfl_layout.py); this
+The decision, its statistics and the block-layout adapter are the engine's (optim/features/caching/bfl_layout.py); this
 module only installs them through ComfyUI's patcher (nodes/comfy_patching.py):
 - block replacements for the first double and the last single block (patches_replace["dit"]), which find the
   run's state in transformer_options and run the blocks unchanged when there is none;
@@ -17,8 +17,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from ..optim.caching import CacheSettings, parse_coefficients
-from ..optim.caching.bfl_layout import METHODS, STATE_KEY, BflStepCache, block_replacements
+from ..optim.errors import InputError
+from ..optim.features.caching import CacheSettings, parse_coefficients
+from ..optim.features.caching.bfl_layout import METHODS, STATE_KEY, BflStepCache, block_replacements
+from ..optim.features.caching.decision import TIMELINE_KEY
+from ..optim.run.engine import format_stats
 from . import comfy_patching, node_messages
 from .cache import Flux2AccelStepCache
 
@@ -42,9 +45,6 @@ class NativeCacheConfig:
 
 def stats_lines(stats: dict) -> list[str]:
     """The statistics as the pack's sampler shows them, plus the decisions per branch (C computed, S skipped)."""
-    from ..optim.caching.decision import TIMELINE_KEY
-    from ..optim.engine import format_stats
-
     timeline = stats.get(TIMELINE_KEY, {})
     return format_stats({"cache": stats}) + [f"{name}: {decisions}" for name, decisions in timeline.items()]
 
@@ -94,8 +94,6 @@ def patched(model, settings: CacheSettings, node_id=None):
     diffusion_model = comfy_patching.flux2_diffusion_model(model, NODE_NAME)
     settings.validate()
     if settings.method not in METHODS:
-        from ..optim.errors import InputError
-
         raise InputError(f"{NODE_NAME}: method '{settings.method}' runs only on the pack's own FLUX2_MODEL; "
                          f"choose {' or '.join(METHODS)}.")
     clone = model.clone()

@@ -1,7 +1,7 @@
 """Regional torch.compile on ComfyUI's own FLUX.2 MODEL: returns a patched clone; the input MODEL is never changed.
 
-The pack's compile machinery (optim/compile.py) does the work: one compiled `nn.Module._call_impl` shared by every
-double and single block (one graph per block kind), installed on the blocks for the duration of each sampling run
+The pack's compile machinery (optim/features/compile.py) does the work: one compiled `nn.Module._call_impl` shared by
+every double and single block (one graph per block kind), installed on the blocks for the duration of each sampling run
 by an OUTER_SAMPLE wrapper and removed in `finally`, the pack's persistent cache folder, and the eager fallback with
 one warning. Compiled code is kept per diffusion-model module and settings, so a later run reuses it.
 
@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import logging
 
-from ..optim.compile import DYNAMIC, MODES, CompileSettings, compiled_run, compiled_set_for, configure_caches_safely
+from ..optim.features.compile import (DYNAMIC, MODES, CompileSettings, compiled_run, compiled_set_for,
+                                      configure_caches_safely)
 from . import comfy_patching, node_messages
 from .compile import Flux2AccelCompile, default_cache_dir
 

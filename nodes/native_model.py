@@ -2,7 +2,7 @@
 
 The pattern of ComfyUI-GGUF and ComfyUI-nunchaku: ComfyUI's own FLUX.2 model object (comfy.model_base.Flux2 built
 from comfy.supported_models.Flux2: FLUX.2 latent format, flow sampling with its shift) whose `diffusion_model` is a
-small module (optim.native_forward.NativeFlux2) that answers ComfyUI's FLUX.2 call with the pack's diffusers
+small module (optim.native.forward.NativeFlux2) that answers ComfyUI's FLUX.2 call with the pack's diffusers
 transformer, wrapped in a ModelPatcher. The transformer is a submodule, so ComfyUI counts its memory, moves it to
 the GPU and back, and unloads it like any other model; its samplers, schedulers, guiders, progress, previews and
 interrupt work unchanged.
@@ -22,17 +22,16 @@ weights are diffusers' and quantized layouts (nf4, per-row fp8) that ComfyUI's p
 from __future__ import annotations
 
 import contextlib
-
 import logging
 import weakref
 
-from ..optim.checkpoint import return_free_heap
 from ..optim.errors import Flux2AccelError, InputError
-from ..optim.feature_api import RunReport
-from ..optim.layouts import transformer_bfl_shapes
-from ..optim.store import STORE
-from ..optim.native_forward import NativeFlux2
-from ..optim.sampling import SamplingParams
+from ..optim.features.api import RunReport
+from ..optim.models.checkpoint import return_free_heap
+from ..optim.models.layouts import transformer_bfl_shapes
+from ..optim.native.forward import NativeFlux2
+from ..optim.run.sampling import SamplingParams
+from ..optim.run.store import STORE
 from . import comfy_services
 
 log = logging.getLogger("flux2_accel")

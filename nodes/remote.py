@@ -3,7 +3,7 @@
 The token is read when the node runs, from the FLUX2_ACCEL_REMOTE_TOKEN environment variable or the ComfyUI user
 setting "flux2accel.remote_token" (HF_TOKEN only for the official endpoint and listed hosts); it is never a widget,
 so it never lands in the workflow or the PNG metadata. It goes only to the official endpoint's host and to hosts
-listed in FLUX2_ACCEL_REMOTE_HOSTS or the ComfyUI setting "flux2accel.remote_hosts" (see optim/remote/client.py).
+listed in FLUX2_ACCEL_REMOTE_HOSTS or the ComfyUI setting "flux2accel.remote_hosts" (see optim/serve/remote/client.py).
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from __future__ import annotations
 import os
 
 from ..optim.errors import InputError, Interrupted
-from ..optim.remote.client import (RemoteEncoderConfig, RemoteTextEncoder, listed_hosts, resolve_token,
-                                   validate_url)
-from ..optim.remote.embedding_cache import DEFAULT_MAX_BYTES, EmbeddingCache
-from ..optim.remote.protocol import PUBLIC_URL
+from ..optim.serve.remote.client import (RemoteEncoderConfig, RemoteTextEncoder, listed_hosts, resolve_token,
+                                         validate_url)
+from ..optim.serve.remote.embedding_cache import DEFAULT_MAX_BYTES, EmbeddingCache
+from ..optim.serve.remote.protocol import PUBLIC_URL
 from . import comfy_services
 
 CACHE_DIR_ENV = "FLUX2_ACCEL_EMBEDDING_CACHE_DIR"
@@ -30,10 +30,8 @@ EXPECTATIONS = {
 
 
 def settings_file() -> str | None:
-    """ComfyUI's settings file for the default user, where the UI stores "flux2accel.remote_token" and
-    "flux2accel.remote_hosts"."""
-    user_dir = comfy_services.user_directory()
-    return os.path.join(user_dir, "default", "comfy.settings.json") if user_dir else None
+    """Where the UI stores "flux2accel.remote_token" and "flux2accel.remote_hosts"."""
+    return comfy_services.user_settings_file()
 
 
 def embedding_cache(enabled: bool) -> EmbeddingCache:

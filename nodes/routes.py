@@ -4,7 +4,7 @@ GET /flux2accel/estimate?kind=diffusion_model|text_encoder&name=<model choice>&p
   200 {"bytes": 17812345678, "text": "≈17.8 GB at nf4"}  weight memory once loaded, read from the file's header
   400 {"error": "..."}                                   a name outside the model folders, a bad kind or precision,
                                                          a file that is not that model (the loader's message)
-Nothing is loaded: the engine reads safetensors headers only (optim/estimate.py).
+Nothing is loaded: the engine reads safetensors headers only (optim/models/estimate.py).
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import asyncio
 import logging
 import os
 
-from ..optim import layouts
 from ..optim.errors import Flux2AccelError
-from ..optim.estimate import estimate_weight_bytes, format_bytes
+from ..optim.models import layouts
+from ..optim.models.estimate import estimate_weight_bytes, format_bytes
 from . import loaders
 
 log = logging.getLogger("flux2_accel")

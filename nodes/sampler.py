@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import logging
 
-from ..optim import engine
 from ..optim.errors import Interrupted
 from ..optim.options import MAX_BATCH_SIZE, MAX_GUIDANCE, MAX_RESOLUTION, MAX_SEED, MAX_STEPS, SIZE_MULTIPLE
-from ..optim.sampling import SamplingParams
+from ..optim.run import engine
+from ..optim.run.sampling import SamplingParams
 from . import comfy_services, native_model
 
 log = logging.getLogger("flux2_accel")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..optim.store import STORE
+from ..optim.run.store import STORE
 from . import comfy_services
 
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..optim import latents
-from ..optim.store import STORE
+from ..optim.run import latents
+from ..optim.run.store import STORE
 from . import comfy_services
 
 

@@ -1,7 +1,7 @@
 """Model handles: immutable descriptions of a model. Nodes pass them along and derive variants with `replace`.
 
 A handle says *what* to run: base weights, precision, offload mode, LoRA stack, cache and compile settings. It never
-holds a live module: `optim.store.ModelStore` turns a handle into one when a run starts (see `optim.engine.run`).
+holds a live module: `optim.run.store.ModelStore` turns a handle into one when a run starts (`optim.run.engine.run`).
 """
 
 from __future__ import annotations
@@ -29,17 +29,18 @@ class ModelHandle:
     source: str  # absolute path of a .safetensors file or diffusers folder
     precision: str = "bf16"
     offload: str = "none"
-    loras: tuple = ()  # LoRA specs (optim.lora.LoraSpec), applied in order
-    cache: Any = None  # step-cache settings (optim.caching.CacheSettings), or None
-    compile: Any = None  # compile settings (optim.compile.CompileSettings), or None
+    loras: tuple = ()  # LoRA specs (optim.features.lora.LoraSpec), applied in order
+    cache: Any = None  # step-cache settings (optim.features.caching.CacheSettings), or None
+    compile: Any = None  # compile settings (optim.features.compile.CompileSettings), or None
     family: str = ""  # "dev" or "klein", filled in when known
-    attention_backend: str = "auto"  # optim.attention.BACKENDS; applied per run, never part of the base weights
+    attention_backend: str = "auto"  # features.attention.BACKENDS; applied per run, never part of the base weights
 
     def replace(self, **changes) -> "ModelHandle":
         return dataclasses.replace(self, **changes)
 
     def with_step_cache(self, settings) -> "ModelHandle":
-        """This model with step-cache `settings` (optim.caching.CacheSettings); a threshold of 0 means no cache."""
+        """This model with step-cache `settings` (optim.features.caching.CacheSettings); a threshold of 0 means no
+        cache."""
         return self.replace(cache=settings if settings.enabled else None)
 
     def with_loras(self, specs) -> "ModelHandle":

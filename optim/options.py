@@ -16,6 +16,7 @@ DEFAULT_ATTENTION_BACKEND = "auto"
 SIZE_MULTIPLE = 16  # width and height: multiples of the VAE's factor times the 2x2 patch
 MAX_RESOLUTION = 8192
 MAX_STEPS = 200
+MIN_REFERENCE_SIDE = 64  # the shorter side, in pixels, of a reference image the sampler takes
 MAX_BATCH_SIZE = 64
 MAX_SEED = 0xFFFF_FFFF_FFFF_FFFF
 MAX_GUIDANCE = 100.0

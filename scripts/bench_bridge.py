@@ -37,19 +37,19 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     setup_comfyui(args.comfyui_dir)
 
-    import torch
     import comfy.model_management
     import comfy.samplers
+    import torch
     from comfy_extras.nodes_flux import Flux2Scheduler
-    from safetensors.torch import save_file
-
     from flux2_accel.nodes import native_model
-    from flux2_accel.optim import engine, tiny
     from flux2_accel.optim.handle import ModelHandle, VaeHandle
-    from flux2_accel.optim.precision import rel_l2
-    from flux2_accel.optim.sampling import SamplingParams
-    from flux2_accel.optim.store import STORE
-    from flux2_accel.optim.text_encoding import Flux2Conditioning
+    from flux2_accel.optim.models import tiny
+    from flux2_accel.optim.models.precision import rel_l2
+    from flux2_accel.optim.models.text_encoding import Flux2Conditioning
+    from flux2_accel.optim.run import engine
+    from flux2_accel.optim.run.sampling import SamplingParams
+    from flux2_accel.optim.run.store import STORE
+    from safetensors.torch import save_file
 
     device = comfy.model_management.get_torch_device()
     comps = tiny.build_components(tiny.SMALL, seed=0)

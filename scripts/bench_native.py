@@ -37,8 +37,8 @@ def setup_comfyui(comfyui_dir: str):
         import torchvision.transforms  # noqa: F401  (ComfyUI imports it by attribute; the stand-in needs it first)
     os.chdir(comfyui_dir)
     sys.path.insert(0, comfyui_dir)
-    import torch
     import comfy.cli_args
+    import torch
 
     comfy.cli_args.args.cpu = not torch.cuda.is_available()
     comfy.cli_args.args.use_pytorch_cross_attention = True  # ComfyUI's CPU default queries memory inside blocks
@@ -83,17 +83,16 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     setup_comfyui(args.comfyui_dir)
 
-    import torch
     import comfy.model_management
     import comfy.sample
     import comfy.sd
+    import torch
     from comfy_extras.nodes_easycache import EasyCacheNode
-    from flux2_accel_native_test_nodes import CONFIGS, build_flux2_model
-
     from flux2_accel.nodes import native_cache, native_compile
-    from flux2_accel.optim.caching import CacheSettings
-    from flux2_accel.optim.compile import CompileSettings, graph_count
-    from flux2_accel.optim.precision import rel_l2
+    from flux2_accel.optim.features.caching import CacheSettings
+    from flux2_accel.optim.features.compile import CompileSettings, graph_count
+    from flux2_accel.optim.models.precision import rel_l2
+    from flux2_accel_native_test_nodes import CONFIGS, build_flux2_model
 
     logging.basicConfig(level=logging.WARNING)
     counter = SkipCounter()

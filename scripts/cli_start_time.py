@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 
-from flux2_accel.optim.cli import COMMANDS  # torch-free, as the command line's start is
+from flux2_accel.optim.cli.main import COMMANDS  # torch-free, as the command line's start is
 
 CASES = (
     ["--help"],
@@ -27,7 +27,7 @@ CASES = (
     ["serve-text-encoder", "--text-encoder", "x", "--port", "99999"],
 )
 PROBE = ("import sys\nsys.argv = ['flux2-accel', *sys.argv[1:]]\ntry:\n"
-         "    from flux2_accel.optim.cli import main\n    main()\nexcept SystemExit:\n    pass\n"
+         "    from flux2_accel.optim.cli.main import main\n    main()\nexcept SystemExit:\n    pass\n"
          "sys.stderr.write('torch loaded: %s\\n' % ('torch' in sys.modules))")
 
 

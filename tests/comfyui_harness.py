@@ -36,6 +36,18 @@ def get_json(url, timeout=10):
         return json.loads(r.read())
 
 
+def history_entry(url: str, prompt_id: str, timeout: float = 10) -> dict:
+    """A finished prompt's /history entry. ComfyUI 0.33 may send execution_interrupted before it writes the entry,
+    so a test that reads it right after that message asks again for a short while."""
+    deadline = time.time() + timeout
+    while True:
+        entry = get_json(f"{url}/history/{prompt_id}").get(prompt_id)
+        if entry or time.time() > deadline:
+            assert entry, f"/history has no entry for prompt {prompt_id} after {timeout:g} s"
+            return entry
+        time.sleep(0.1)
+
+
 def post_json(url, payload):
     req = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=30) as r:

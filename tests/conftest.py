@@ -6,13 +6,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import layout_fixtures
 import pytest
 import torch
+from flux2_accel.optim.models import tiny
 from safetensors.torch import save_file
-
-from flux2_accel.optim import tiny
-
-import layout_fixtures
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -52,7 +50,7 @@ def tiny_models(tmp_path_factory) -> TinyModels:
         f[f"{name}_comfy"] = _save(root / "diffusion_models" / f"{name}_comfy.safetensors",
                                    {"model.diffusion_model." + k: v for k, v in bfl.items()})
         f[f"{name}_diffusers_file"] = _save(root / "diffusion_models" / f"{name}_diffusers.safetensors", sd)
-        comps.pipeline().save_pretrained(root / "diffusers" / f"tiny_{name}")
+        layout_fixtures.full_pipeline(comps).save_pretrained(root / "diffusers" / f"tiny_{name}")
         f[f"{name}_folder"] = root / "diffusers" / f"tiny_{name}"
     vae_sd = dev.vae.state_dict()
     f["vae_ldm"] = _save(root / "vae" / "flux2-vae-tiny.safetensors",

@@ -10,13 +10,19 @@ import base64
 import json
 
 import torch
-
-from flux2_accel.optim import layouts
+from flux2_accel.optim.models import layouts
+from flux2_accel.optim.run.sampling import build_pipeline
 
 TEKKEN_SPECIALS = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "<pad>"]
 
-# The BFL transformer writer is the pack's own (optim/layouts.py), also used to describe a model to ComfyUI.
+# The BFL transformer writer is the pack's own (optim/models/layouts.py), also used to describe a model to ComfyUI.
 transformer_to_bfl = layouts.transformer_to_bfl
+
+
+def full_pipeline(components):
+    """A full diffusers pipeline over tiny components (text encoder included), as the pack builds it."""
+    return build_pipeline(components.transformer, components.vae, components.spec.family,
+                          text_encoder=components.text_encoder, tokenizer=components.tokenizer)
 
 
 def vae_to_ldm(sd: dict, num_blocks: int) -> dict:

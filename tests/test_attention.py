@@ -7,17 +7,18 @@ import logging
 
 import pytest
 import torch
-from test_nodes import models_dir, node, widgets  # noqa: F401  (models_dir is a fixture)
-
-from flux2_accel.optim import attention, engine, tiny
-from flux2_accel.optim.caching import CacheSettings
-from flux2_accel.optim.compile import CompileSettings, graph_count
 from flux2_accel.optim.errors import InputError
-from flux2_accel.optim.features import FEATURES
+from flux2_accel.optim.features import attention
+from flux2_accel.optim.features.caching import CacheSettings
+from flux2_accel.optim.features.compile import CompileSettings, graph_count
+from flux2_accel.optim.features.registry import FEATURES
 from flux2_accel.optim.handle import ModelHandle, VaeHandle
-from flux2_accel.optim.sampling import SamplingParams
-from flux2_accel.optim.store import ModelStore
-from flux2_accel.optim.text_encoding import Flux2Conditioning
+from flux2_accel.optim.models import tiny
+from flux2_accel.optim.models.text_encoding import Flux2Conditioning
+from flux2_accel.optim.run import engine
+from flux2_accel.optim.run.sampling import SamplingParams
+from flux2_accel.optim.run.store import ModelStore
+from test_nodes import models_dir, node, widgets  # noqa: F401  (models_dir is a fixture)
 
 PARAMS = SamplingParams(width=64, height=64, steps=4, guidance=4.0, seed=1)
 NOT_SDPA = ("cudnn", "flash", "sage")

@@ -12,14 +12,13 @@ from typing import Callable
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from flux2_accel.nodes import comfy_services
 from flux2_accel.optim.errors import ModelFileError
+from flux2_accel.optim.features.lora import LoraSpec
+from flux2_accel.optim.features.lora.stack import tuner_layers
 from flux2_accel.optim.handle import ModelHandle, TextEncoderHandle, VaeHandle
-from flux2_accel.optim.store import STORE
-from flux2_accel.optim.lora import LoraSpec
-from flux2_accel.optim.lora.stack import tuner_layers
+from flux2_accel.optim.run.store import STORE
+from safetensors.torch import load_file, save_file
 
 pytestmark = pytest.mark.usefixtures("comfyui_inference_mode")  # as ComfyUI runs prompts
 

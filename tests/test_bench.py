@@ -15,13 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from flux2_accel.optim import cli
-from flux2_accel.optim.bench.runner import BenchOptions, run_bench
-from flux2_accel.optim.bench.models import CONFIGS
 from flux2_accel.optim.bench.measure import CLEAR, REFERENCE, TOO_FEW_ROUNDS, WITHIN_NOISE, speedup
+from flux2_accel.optim.bench.models import CONFIGS
 from flux2_accel.optim.bench.report import document, format_markdown, format_table, write_json
 from flux2_accel.optim.bench.rows import DEFAULT_ROWS, OK, ROW_NAMES, RowResult
+from flux2_accel.optim.bench.runner import BenchOptions, run_bench
+from flux2_accel.optim.cli import main as cli
 from flux2_accel.optim.errors import InputError
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmark.md"
@@ -282,7 +281,6 @@ def test_the_chart_draws_the_spread_and_marks_noise(tmp_path, monkeypatch):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     from flux2_accel.optim.bench import report
 
     seen = {}
@@ -309,7 +307,7 @@ def test_a_bench_stopped_by_a_signal_removes_its_work_folder(tmp_path, signum):
     env = {**os.environ, "TMPDIR": str(tmp_path)}
     argv = ["bench", "--config", "tiny", "--height", "64", "--width", "64", "--steps", "2", "--repeats", "100000",
             "--warmup", "0", "--text-tokens", "8", "--rows", "pack-bf16", "--device", "cpu"]
-    code = "import sys\nfrom flux2_accel.optim import cli\nsys.exit(cli.main(sys.argv[1:]))"
+    code = "import sys\nfrom flux2_accel.optim.cli import main as cli\nsys.exit(cli.main(sys.argv[1:]))"
     proc = subprocess.Popen([sys.executable, "-c", code, *argv], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     try:

@@ -1,5 +1,5 @@
 """Bridges to ComfyUI's own types, without ComfyUI: conditioning both ways, and ComfyUI's FLUX.2 forward call
-answered by the pack's transformer (optim/native_forward.py), compared with diffusers' own calls."""
+answered by the pack's transformer (optim/native/forward.py), compared with diffusers' own calls."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import dataclasses
 import pytest
 import torch
 from diffusers import Flux2Pipeline
-
-from flux2_accel.optim import native_conditioning, native_forward, tiny
 from flux2_accel.optim.errors import InputError
-from flux2_accel.optim.sampling import SamplingParams, check_conditioning, sample
-from flux2_accel.optim.text_encoding import Flux2Conditioning, TextEncoder
+from flux2_accel.optim.models.text_encoding import Flux2Conditioning, TextEncoder
+from flux2_accel.optim.native import conditioning as native_conditioning
+from flux2_accel.optim.native import forward as native_forward
+from flux2_accel.optim.run.sampling import SamplingParams, check_conditioning, sample
 
 
 @pytest.fixture(autouse=True)
@@ -172,8 +172,7 @@ def test_euler_through_comfyuis_call_matches_the_pack_s_sampler(tiny_models, dty
     want = sample(comps.transformer, comps.vae, cond, params)
     h, w = 48 // 16, 64 // 16
     from diffusers import FlowMatchEulerDiscreteScheduler
-
-    from flux2_accel.optim.sampling import SCHEDULER_CONFIG
+    from flux2_accel.optim.run.sampling import SCHEDULER_CONFIG
 
     scheduler = FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG)
     steps = params.steps
@@ -252,7 +251,7 @@ def test_only_comfyuis_unloads_release_not_its_reloading_detaches(tiny_models, m
 
     from flux2_accel.nodes import comfy_services, native_model
     from flux2_accel.optim.handle import ModelHandle
-    from flux2_accel.optim.store import STORE
+    from flux2_accel.optim.run.store import STORE
 
     monkeypatch.setattr(comfy_services, "_free_memory_callbacks", [])
     handle = ModelHandle(source=str(tiny_models.files["dev_comfy"]))
@@ -272,7 +271,7 @@ def test_unloading_a_pack_model_releases_the_store_without_patching_comfyui(tiny
 
     from flux2_accel.nodes import comfy_services, native_model
     from flux2_accel.optim.handle import ModelHandle
-    from flux2_accel.optim.store import STORE
+    from flux2_accel.optim.run.store import STORE
 
     def unload_all_models():
         return None

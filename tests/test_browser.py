@@ -13,7 +13,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from test_comfyui_real import COMFYUI_DIR, TINY_FILES, comfyui  # noqa: F401  (comfyui is a fixture)
 
 if not COMFYUI_DIR:  # both are prerequisites of a real-ComfyUI test; CI has neither
@@ -130,8 +129,8 @@ def test_every_ui_workflow_loads_without_missing_nodes_or_errors(page):
 
 
 def test_loader_estimate_follows_the_precision_and_is_never_serialized(page, comfyui):
-    from flux2_accel.optim import layouts
-    from flux2_accel.optim.estimate import estimate_weight_bytes, format_bytes
+    from flux2_accel.optim.models import layouts
+    from flux2_accel.optim.models.estimate import estimate_weight_bytes, format_bytes
 
     _, base, _ = comfyui
     model = base / "models" / "diffusion_models" / "tiny_flux2_dev.safetensors"

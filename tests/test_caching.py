@@ -9,16 +9,15 @@ import json
 import numpy as np
 import pytest
 import torch
-
-from flux2_accel.optim import tiny
-from flux2_accel.optim.caching import FEATURE, CacheSettings, parse_coefficients
-from flux2_accel.optim.caching.calibrate import fit_coefficients, recording
 from flux2_accel.optim.errors import InputError, Interrupted
-from flux2_accel.optim.feature_api import RunReport
+from flux2_accel.optim.features.api import RunReport
+from flux2_accel.optim.features.caching import FEATURE, CacheSettings, parse_coefficients
+from flux2_accel.optim.features.caching.calibrate import fit_coefficients, recording
 from flux2_accel.optim.handle import ModelHandle
-from flux2_accel.optim.store import ModelStore
-from flux2_accel.optim.sampling import SamplingParams, sample
-from flux2_accel.optim.text_encoding import Flux2Conditioning
+from flux2_accel.optim.models import tiny
+from flux2_accel.optim.models.text_encoding import Flux2Conditioning
+from flux2_accel.optim.run.sampling import SamplingParams, sample
+from flux2_accel.optim.run.store import ModelStore
 
 FAMILY_TE = {"dev": "mistral", "klein": "qwen3"}
 
@@ -122,7 +121,7 @@ def test_inference_mode_as_comfyui_runs_nodes(models, method):
 
 
 def test_rotary_memo_recomputes_when_ids_change_in_place(models):
-    from flux2_accel.optim.caching.blocks import rotary_memoized
+    from flux2_accel.optim.features.caching.blocks import rotary_memoized
 
     transformer = models["dev"][0]
     ids = torch.cartesian_prod(torch.arange(1), torch.arange(3), torch.arange(4), torch.arange(1))
@@ -256,7 +255,7 @@ def test_two_cached_handles_do_not_share_state(models):
 
 
 def test_store_prepared_applies_the_cache_feature(models):
-    from flux2_accel.optim import features
+    from flux2_accel.optim.features import registry as features
 
     assert "caching" in features.FEATURE_MODULES
     transformer, vae, cond, _ = models["dev"]
@@ -277,7 +276,7 @@ def test_store_prepared_applies_the_cache_feature(models):
 
 @pytest.mark.parametrize("variant", ["lora", "fp8_e4m3fn", "nf4"])
 def test_cache_with_lora_and_quantized_weights(models, variant):
-    from flux2_accel.optim.precision import apply_precision
+    from flux2_accel.optim.models.precision import apply_precision
 
     _, vae, cond, _ = models["dev"]
     transformer = tiny.build_transformer(tiny.TINY, seed=3)
@@ -360,7 +359,7 @@ def test_recording_pairs_each_branch_with_its_own_previous_call(models):
 
 
 def test_calibrate_command_demo(tmp_path):
-    from flux2_accel.optim import cli
+    from flux2_accel.optim.cli import main as cli
 
     out = tmp_path / "coef.json"
     assert cli.main(["calibrate-teacache", "--demo", "--steps", "4", "--seeds", "1", "--prompt", "a dog",
@@ -408,7 +407,7 @@ def test_four_step_run_skips_nothing_by_default_and_says_so_once(models, install
     latent, uncached, stats = run(models, skipping_settings(method), params)
     assert (stats["computed_steps"], stats["skipped_steps"], stats["total_steps"]) == (4, 0, 4)
     assert stats["note"] == FEW_STEPS_NOTE
-    from flux2_accel.optim.engine import format_stats
+    from flux2_accel.optim.run.engine import format_stats
 
     assert sum("min_steps" in line for line in format_stats({"cache": stats})) == 1
     assert torch.equal(latent, uncached)  # no method ran: exactly the uncached run
@@ -446,7 +445,7 @@ def test_klein_four_step_cfg_run_skips_nothing_in_either_branch(models):
 
 
 def test_gate_applies_min_steps_only_when_the_step_count_is_known():
-    from flux2_accel.optim.caching.decision import CacheRun, SkipGate
+    from flux2_accel.optim.features.caching.decision import CacheRun, SkipGate
 
     gate = SkipGate(warmup_steps=0, max_consecutive_cached=0, min_steps=6)
     assert not gate.allows(2, 0, total_steps=5) and gate.allows(2, 0, total_steps=6)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import socket
 import subprocess
 import sys
@@ -9,10 +10,9 @@ import sys
 import numpy as np
 import pytest
 import torch
+from flux2_accel.optim.cli import main as cli
 from PIL import Image
 from safetensors.torch import save_file
-
-from flux2_accel.optim import cli
 
 
 def test_demo_writes_an_image_and_says_it_is_noise(tmp_path, capsys):
@@ -23,8 +23,9 @@ def test_demo_writes_an_image_and_says_it_is_noise(tmp_path, capsys):
 
 
 def test_generate_from_files_matches_the_engine(tiny_models, tmp_path):
-    from flux2_accel.optim import latents, loading
-    from flux2_accel.optim.sampling import SamplingParams, sample
+    from flux2_accel.optim.models import loading
+    from flux2_accel.optim.run import latents
+    from flux2_accel.optim.run.sampling import SamplingParams, sample
 
     f = tiny_models.files
     out = tmp_path / "img.png"
@@ -153,7 +154,7 @@ def test_embedding_cache_size_setting_is_checked(monkeypatch, value):
                                   ["generate", "--transformer", "missing.safetensors"], ["genrate"],
                                   ["bench", "--config", "huge"], ["serve-text-encoder", "--port", "99999"]])
 def test_help_and_argument_errors_load_no_model_library(argv):
-    code = ("import sys\nfrom flux2_accel.optim import cli\ntry:\n    cli.main(sys.argv[1:])\nexcept SystemExit:\n"
+    code = ("import sys\nfrom flux2_accel.optim.cli import main as cli\ntry:\n    cli.main(sys.argv[1:])\nexcept SystemExit:\n"
             "    pass\nprint('LOADED', sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120).stdout
     assert "LOADED []" in out, out
@@ -195,3 +196,13 @@ def test_generate_with_every_feature_flag_reports_each_feature(tiny_models, tmp_
     assert "compiled=True" in stats["compile"] and int(stats["compile"].split("graphs=")[1].split(",")[0]) > 0
     images = [tmp_path / "img_1.png", tmp_path / "img_2.png"]
     assert [Image.open(p).size for p in images] == [(64, 48)] * 2
+
+
+@pytest.mark.parametrize("name", sorted(cli.COMMANDS))
+def test_every_subcommand_names_a_runner_and_functions_that_exist(name):
+    """The references are strings (for a fast start); a module moved without them would fail only when run."""
+    command = cli.COMMANDS[name]
+    for reference in filter(None, (command.arguments, command.check)):
+        assert callable(cli._function(reference)), reference
+    runner = importlib.import_module(command.runner, cli.__package__)
+    assert callable(runner.run), command.runner

@@ -1,7 +1,7 @@
 """ComfyUI's FLUX.2 model config is built from the model's own keys (CI, no ComfyUI).
 
 The pack describes its diffusers transformer to ComfyUI's model detection by the names and shapes a BFL-layout
-checkpoint of it would hold (optim/layouts.py `transformer_bfl_shapes`), and takes the config detection makes
+checkpoint of it would hold (optim/models/layouts.py `transformer_bfl_shapes`), and takes the config detection makes
 (nodes/native_model.py `flux2_model_config`). These tests check those names and shapes against the recorded
 detection rules and config reads of each tested ComfyUI version (tests/comfyui_flux2_config.py), so a config
 hand-built again, or names detection would not recognise, fail here.
@@ -12,14 +12,12 @@ from __future__ import annotations
 import sys
 import types
 
+import comfyui_flux2_config as recorded
 import pytest
 import torch
-
 from flux2_accel.nodes import native_model
-from flux2_accel.optim import layouts, precision, tiny
 from flux2_accel.optim.errors import Flux2AccelError
-
-import comfyui_flux2_config as recorded
+from flux2_accel.optim.models import layouts, precision, tiny
 
 
 @pytest.fixture(scope="module")

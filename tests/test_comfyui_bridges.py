@@ -17,11 +17,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
-from flux2_accel.optim import tiny
-
-from comfyui_harness import (ROOT, comfyui_base, free_port, get_json, needs_comfyui, post_json, running_comfyui,
-                             stop, wait_until_serving)
+from comfyui_harness import (ROOT, comfyui_base, free_port, get_json, history_entry, needs_comfyui, post_json,
+                             running_comfyui, stop, wait_until_serving)
+from flux2_accel.optim.models import tiny
 from test_comfyui_real import _run, _write_comfy_lora, place_tiny_dev_models
 
 pytestmark = needs_comfyui
@@ -52,7 +50,7 @@ def bridged(tiny_models, tmp_path_factory):
     te_port = free_port()
     with open(base / "text_encoder.log", "w") as te_log:
         te = subprocess.Popen(
-            [python, "-c", "import sys; from flux2_accel.optim import cli; sys.exit(cli.main(sys.argv[1:]))",
+            [python, "-c", "import sys; from flux2_accel.optim.cli import main as cli; sys.exit(cli.main(sys.argv[1:]))",
              "serve-text-encoder", "--text-encoder", str(tiny_models.files["mistral_comfy"]), "--device", "cpu",
              "--host", "127.0.0.1", "--port", str(te_port)],
             stdout=te_log, stderr=subprocess.STDOUT, env={**os.environ, **env})
@@ -296,7 +294,7 @@ def test_progress_and_cancel_through_comfyuis_sampler(bridged):
     assert events[-1] == "execution_interrupted", events
     assert progress[:3] == [("7", 1, steps), ("7", 2, steps), ("7", 3, steps)], progress
     assert len(progress) < steps
-    assert get_json(url + f"/history/{prompt_id}")[prompt_id]["status"]["status_str"] == "error"
+    assert history_entry(url, prompt_id)["status"]["status_str"] == "error"
     assert _png(base, _run(url, log_path, _native_graph())).size == (64, 48)
 
 

@@ -6,9 +6,8 @@ import json
 
 import numpy as np
 import pytest
+from flux2_accel.optim.cli import main as cli
 from PIL import Image
-
-from flux2_accel.optim import cli
 from test_comfyui_real import COMFYUI_DIR, _tiny_graph, comfyui  # noqa: F401  (comfyui is a fixture)
 
 pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to run the pack in a real ComfyUI")

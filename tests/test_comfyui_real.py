@@ -12,10 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-
-from flux2_accel import NODE_CLASS_MAPPINGS
-
 from comfyui_harness import COMFYUI_DIR, ROOT, comfyui_base, get_json, needs_comfyui, post_json, running_comfyui
+from flux2_accel import NODE_CLASS_MAPPINGS
 
 pytestmark = needs_comfyui
 
@@ -101,8 +99,8 @@ def _write_bad_model_files(models: Path) -> None:
     VAE whose data stops short of what its header promises."""
     import struct
 
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     header = b'{"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]'  # cut mid-JSON
     (models / "diffusion_models" / BAD_MODEL_FILES["model_name"][1]).write_bytes(
@@ -342,11 +340,10 @@ def _queue_feature_workflow(url, log_path, name, graph, tiny_models):
     if name != "flux2_remote_text_encode":
         return _run(url, log_path, graph), None
     from aiohttp import web  # noqa: F401  (the server's dependency: a clear skip reason if missing)
+    from flux2_accel.optim.models import tiny
+    from flux2_accel.optim.models.text_encoding import TextEncoder
+    from flux2_accel.optim.serve.remote.server import STATS_KEY, create_app
     from test_remote import LoopbackServer
-
-    from flux2_accel.optim import tiny
-    from flux2_accel.optim.remote.server import STATS_KEY, create_app
-    from flux2_accel.optim.text_encoding import TextEncoder
 
     encoder = TextEncoder(tiny_models.dev.text_encoder, tiny_models.dev.tokenizer, "mistral",
                           tiny.TINY.text_out_layers, identity="tiny-mistral")

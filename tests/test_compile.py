@@ -16,20 +16,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
-from flux2_accel.optim import compile as compiling
-from flux2_accel.optim import tiny
-from flux2_accel.optim.caching import CacheSettings
-from flux2_accel.optim.compile import CompileSettings, graph_count, vae_decoder_compiled
 from flux2_accel.optim.errors import InputError
-from flux2_accel.optim.feature_api import RunReport
+from flux2_accel.optim.features import compile as compiling
+from flux2_accel.optim.features.api import RunReport
+from flux2_accel.optim.features.caching import CacheSettings
+from flux2_accel.optim.features.compile import CompileSettings, graph_count, vae_decoder_compiled
+from flux2_accel.optim.features.lora import LoraSpec
 from flux2_accel.optim.handle import ModelHandle
-from flux2_accel.optim.store import ModelStore
-from flux2_accel.optim.latents import decode
-from flux2_accel.optim.lora import LoraSpec
-from flux2_accel.optim.sampling import SamplingParams, sample
-from flux2_accel.optim.text_encoding import Flux2Conditioning
+from flux2_accel.optim.models import tiny
+from flux2_accel.optim.models.text_encoding import Flux2Conditioning
+from flux2_accel.optim.run.latents import decode
+from flux2_accel.optim.run.sampling import SamplingParams, sample
+from flux2_accel.optim.run.store import ModelStore
+from safetensors.torch import save_file
 
 pytestmark = pytest.mark.usefixtures("comfyui_inference_mode", "one_torch_thread")  # inference mode: as ComfyUI runs prompts
 
@@ -285,7 +284,7 @@ def test_errors_eager_raises_too_propagate_and_keep_compiled_code(session):
 
 def test_quantized_nf4_blocks_compile_and_match_eager():
     from flux2_accel.optim.handle import ModelHandle as Handle
-    from flux2_accel.optim.precision import apply_precision
+    from flux2_accel.optim.models.precision import apply_precision
 
     model = apply_precision(tiny.build_transformer(tiny.TINY, seed=8, dtype=torch.bfloat16), "nf4")
     inputs = tiny.forward_inputs(model)

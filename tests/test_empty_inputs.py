@@ -7,10 +7,9 @@ import re
 
 import pytest
 import torch
-
-from flux2_accel.optim import native_conditioning
 from flux2_accel.optim.errors import InputError
-from flux2_accel.optim.remote.client import RemoteEncoderConfig, RemoteTextEncoder
+from flux2_accel.optim.native import conditioning as native_conditioning
+from flux2_accel.optim.serve.remote.client import RemoteEncoderConfig, RemoteTextEncoder
 
 
 @pytest.mark.parametrize("shape", [(1, 0, 64), (0, 512, 64), (1, 512, 0), (2, 0, 15360)])
@@ -49,7 +48,7 @@ def _png_header_claiming(tmp_path, width: int, height: int):
 
 @pytest.mark.parametrize("width, height", [(100_000, 100_000), (20_000, 20_000), (8193, 8192), (1, 70_000_000)])
 def test_reference_images_are_decoded_with_bounds(tmp_path, width, height):
-    from flux2_accel.optim.generate import open_references as _open_references
+    from flux2_accel.optim.cli.generate import open_references as _open_references
 
     path = _png_header_claiming(tmp_path, width, height)
     with pytest.raises(InputError, match=re.escape(f"--reference '{path}'")):
@@ -70,16 +69,15 @@ def _image_of(height: int, width: int, batch: int = 1, channels: int = 3) -> tor
     (torch.zeros(0, 512, 512, 3), "reference_images has shape (0, 512, 512, 3)"),
 ])
 def test_reference_image_tensors_are_bounded_before_any_pixel_is_converted(image, named):
-    from flux2_accel.optim.sampling import reference_pil_images
+    from flux2_accel.optim.run.sampling import reference_pil_images
 
     with pytest.raises(InputError, match=re.escape(named)):
         reference_pil_images(image)
 
 
 def test_reference_images_within_bounds_pass_through_as_pil():
+    from flux2_accel.optim.run.sampling import reference_pil_images
     from PIL import Image
-
-    from flux2_accel.optim.sampling import reference_pil_images
 
     images = reference_pil_images(torch.full((2, 64, 96, 3), 0.5))
     assert [im.size for im in images] == [(96, 64), (96, 64)] and images[0].getpixel((0, 0)) == (128, 128, 128)

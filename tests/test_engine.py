@@ -1,4 +1,4 @@
-"""The one run path (`optim.engine.run`): non-finite latents stop the run, work is bounded by the device's memory,
+"""The one run path (`optim.run.engine.run`): non-finite latents stop the run, work is bounded by the device's memory,
 and the CLI reports user errors in one line."""
 
 from __future__ import annotations
@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from flux2_accel.optim import cli, engine, memory, tiny
+from flux2_accel.optim.cli import main as cli
 from flux2_accel.optim.errors import InputError, NonFiniteError
 from flux2_accel.optim.handle import ModelHandle, VaeHandle
-from flux2_accel.optim.sampling import SamplingParams, sample
-from flux2_accel.optim.store import ModelStore
-from flux2_accel.optim.text_encoding import Flux2Conditioning
+from flux2_accel.optim.models import tiny
+from flux2_accel.optim.models.text_encoding import Flux2Conditioning
+from flux2_accel.optim.run import engine, memory
+from flux2_accel.optim.run.sampling import SamplingParams, sample
+from flux2_accel.optim.run.store import ModelStore
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,7 +34,7 @@ def parts():
 
 
 def test_run_matches_sample_and_decode(parts):
-    from flux2_accel.optim import latents
+    from flux2_accel.optim.run import latents
 
     comps, store, model, vae, cond = parts
     params = SamplingParams(64, 48, 2, 4.0, 7, 1)

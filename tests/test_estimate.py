@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
-from flux2_accel.optim import layouts, loading, precision
-from flux2_accel.optim.checkpoint import open_checkpoint
 from flux2_accel.optim.errors import ModelFileError
-from flux2_accel.optim.estimate import estimate_weight_bytes, format_bytes
+from flux2_accel.optim.models import layouts, loading, precision
+from flux2_accel.optim.models.checkpoint import open_checkpoint
+from flux2_accel.optim.models.estimate import estimate_weight_bytes, format_bytes
+from safetensors.torch import save_file
 
 PRECISIONS = ("bf16", "fp8_e4m3fn", "nf4")
 
@@ -127,7 +126,6 @@ def _get_estimates(queries: list[dict]) -> list[tuple[int, dict]]:
 
     from aiohttp import web
     from aiohttp.test_utils import TestClient, TestServer
-
     from flux2_accel.nodes import routes
 
     async def main():

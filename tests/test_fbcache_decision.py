@@ -1,5 +1,5 @@
-"""First Block Cache's decision semantics, pinned (optim/caching/fbcache.py): the relative L1 change of the first
-block's residual against the threshold, measured from the branch's last computed call; every call counted as a
+"""First Block Cache's decision semantics, pinned (optim/features/caching/fbcache.py): the relative L1 change of the
+first block's residual against the threshold, measured from the branch's last computed call; every call counted as a
 step of its branch (skipped or not) for the shared gate; a skipped call reuses the last computed residual. The pack
 took these from para-attn 0.3.x and must keep them: cached runs made before give the same bits now."""
 
@@ -9,13 +9,11 @@ import contextlib
 
 import pytest
 import torch
-
-from flux2_accel.optim import tiny
-from flux2_accel.optim.caching import CacheSettings, fbcache
-from flux2_accel.optim.caching.bfl_layout import STATE_KEY, BflStepCache, block_replacements
-from flux2_accel.optim.sampling import SamplingParams
-
 from bfl_tiny import TinyBflFlux2
+from flux2_accel.optim.features.caching import CacheSettings, fbcache
+from flux2_accel.optim.features.caching.bfl_layout import STATE_KEY, BflStepCache, block_replacements
+from flux2_accel.optim.models import tiny
+from flux2_accel.optim.run.sampling import SamplingParams
 from test_caching import FAMILY_TE, Flux2Conditioning, cached_sample
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

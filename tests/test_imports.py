@@ -1,12 +1,11 @@
-"""The engine's import graph: no cycles, no private names across modules, ComfyUI never, the test models only where
-they belong. Imports are read with `ast`, function-level (lazy) imports included."""
+"""The engine's import graph: imports run down the layers, no cycles, no private names across modules, ComfyUI never,
+the test models only where they belong. Imports are read with `ast`, function-level (lazy) imports included."""
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "flux2_accel"
@@ -111,7 +110,7 @@ def test_the_checker_finds_a_cycle_and_a_private_import(tmp_path):
 
 def test_import_graph_has_no_cycle():
     edges, _ = graph("optim", "nodes")
-    assert edges[f"{PACKAGE}.optim.engine"] >= {f"{PACKAGE}.optim.store", f"{PACKAGE}.optim.sampling"}  # read
+    assert edges[f"{PACKAGE}.optim.run.engine"] >= {f"{PACKAGE}.optim.run.store", f"{PACKAGE}.optim.run.sampling"}
     assert cycles(edges) == []
 
 
@@ -129,13 +128,13 @@ def test_engine_never_imports_comfyui():
 
 
 def test_test_models_are_imported_only_by_the_demo_and_the_bench():
-    allowed = {f"{PACKAGE}.optim.cli_models"} | {m for m in modules("optim") if m.startswith(f"{PACKAGE}.optim.bench")}
+    allowed = {f"{PACKAGE}.optim.cli.models"} | {m for m in modules("optim") if m.startswith(f"{PACKAGE}.optim.bench")}
     importers = set()
     for folder in ("optim", "nodes"):
         mods = modules(folder)
-        known = set(mods) | {f"{PACKAGE}.optim.tiny"}
+        known = set(mods) | {f"{PACKAGE}.optim.models.tiny"}
         for name, path in mods.items():
-            if any(target == f"{PACKAGE}.optim.tiny" for target, _, _ in imports(name, path, known)):
+            if any(target == f"{PACKAGE}.optim.models.tiny" for target, _, _ in imports(name, path, known)):
                 importers.add(name)
     assert importers and importers <= allowed, importers - allowed
 
@@ -144,3 +143,61 @@ def test_sampler_node_holds_no_device_offload_or_decode_logic():
     source = (ROOT / "nodes" / "sampler.py").read_text()
     for word in ("offload", ".to(", "decode", "import torch", "STORE.vae", "prepared", "sample("):
         assert word not in source, word
+
+
+# The layers, bottom up: a module imports only its own folder and the layers below it. native and serve sit side by
+# side: neither imports the other. A folder's subfolders (features/caching) belong to it.
+LAYERS = {
+    "optim": 0,  # the base: errors, handle, options, images, devices, library_warnings
+    "optim.models": 1,
+    "optim.features": 2,
+    "optim.run": 3,
+    "optim.native": 4,
+    "optim.serve": 4,
+    "optim.bench": 5,
+    "optim.cli": 6,
+    "nodes": 7,
+    "": 8,  # the ComfyUI entry, the pack's root __init__
+}
+
+
+def layer_of(module: str) -> tuple[str, int]:
+    """(folder, layer) of a pack module: the longest LAYERS key its dotted name starts with."""
+    inner = module.removeprefix(PACKAGE).removeprefix(".")
+    for key in sorted(LAYERS, key=len, reverse=True):
+        if key and (inner == key or inner.startswith(key + ".")):
+            return key, LAYERS[key]
+    return "", LAYERS[""]
+
+
+def layer_violations(edges: dict[str, set[str]]) -> list[str]:
+    """Every import that runs up the layers, or sideways into another folder of the same layer."""
+    found = []
+    for source, targets in edges.items():
+        source_folder, source_layer = layer_of(source)
+        for target in targets:
+            folder, layer = layer_of(target)
+            if layer > source_layer or (layer == source_layer and folder != source_folder):
+                found.append(f"{source} -> {target}")
+    return sorted(found)
+
+
+def test_the_layer_checker_finds_an_upward_and_a_sideways_import():
+    p = PACKAGE
+    assert layer_of(f"{p}.optim.errors") == ("optim", 0)
+    assert layer_of(f"{p}.optim.features.caching.fbcache") == ("optim.features", 2)
+    assert layer_of(f"{p}.nodes.sampler") == ("nodes", 7)
+    assert layer_of(p) == ("", 8)
+    edges = {f"{p}.optim.features.attention": {f"{p}.optim.run.offload", f"{p}.optim.devices"},  # up, down
+             f"{p}.optim.native.forward": {f"{p}.optim.serve.queue_client"},  # sideways
+             f"{p}.optim.run.engine": {f"{p}.optim.run.store", f"{p}.optim.features.api"},  # own folder, down
+             f"{p}.nodes.cache": {f"{p}.optim.features.caching"}}
+    assert layer_violations(edges) == [f"{p}.optim.features.attention -> {p}.optim.run.offload",
+                                       f"{p}.optim.native.forward -> {p}.optim.serve.queue_client"]
+
+
+def test_every_import_runs_down_the_layers():
+    edges, _ = graph("optim", "nodes")
+    assert {layer_of(m)[0] for m in edges} == set(LAYERS) - {""}  # every layer has modules
+    assert layer_violations(edges) == []
+

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import json
 
+import layout_fixtures
 import pytest
 import torch
-from safetensors.torch import save_file
-
-from flux2_accel.optim import arch, loading
-from flux2_accel.optim.checkpoint import open_checkpoint
 from flux2_accel.optim.errors import ModelFileError
-
+from flux2_accel.optim.models import arch, loading
+from flux2_accel.optim.models.checkpoint import open_checkpoint
 from layout_fixtures import TEKKEN_SPECIALS, tekken_tensor
+from safetensors.torch import save_file
 
 TRANSFORMER_LAYOUTS = ["bfl", "comfy", "diffusers_file", "folder"]
 
@@ -65,7 +64,7 @@ def test_vae_layouts_load_exactly(tiny_models, label):
 
 
 def _reference_embeds(components, prompt):
-    pipe = components.pipeline()
+    pipe = layout_fixtures.full_pipeline(components)
     embeds, _ = pipe.encode_prompt(prompt, text_encoder_out_layers=components.spec.text_out_layers)
     return embeds
 
@@ -100,7 +99,7 @@ def test_text_encoder_config_reads_back(tiny_models):
 
 def test_embedded_tekken_tokenizer(tiny_models, tmp_path):
     """Comfy-Org's Mistral files carry their vocabulary as a `tekken_model` tensor; it must be used."""
-    from flux2_accel.optim import tiny
+    from flux2_accel.optim.models import tiny
 
     words = ["a", " red", " dog", "You", " are", " an", " AI"]
     tekken = tekken_tensor(words, TEKKEN_SPECIALS)
@@ -209,8 +208,7 @@ def proportioned_checkpoints(tmp_path_factory):
     import dataclasses
 
     from diffusers import Flux2Transformer2DModel
-
-    from flux2_accel.optim import tiny
+    from flux2_accel.optim.models import tiny
 
     spec = dataclasses.replace(tiny.SMALL, num_layers=2, num_single_layers=12, attention_head_dim=64,
                                num_attention_heads=8)
@@ -238,7 +236,7 @@ def test_single_file_loading_peaks_below_1_3x_the_file(proportioned_checkpoints,
     # VmHWM after a reset through clear_refs: ru_maxrss would carry over the forking pytest process's peak.
     script = textwrap.dedent(f"""
         import torch
-        from flux2_accel.optim import loading, precision
+        from flux2_accel.optim.models import loading, precision
         import accelerate, bitsandbytes.functional, bitsandbytes.nn  # imported up front: only the load is measured
         from diffusers import Flux2Transformer2DModel
 
@@ -258,7 +256,7 @@ def test_single_file_loading_peaks_below_1_3x_the_file(proportioned_checkpoints,
 
 
 def test_released_checkpoint_pages_leave_the_resident_set_and_read_back_from_the_file(tmp_path):
-    from flux2_accel.optim.checkpoint import MappedCheckpoints
+    from flux2_accel.optim.models.checkpoint import MappedCheckpoints
 
     path = tmp_path / "pages.safetensors"
     save_file({"big": torch.arange(4 << 20, dtype=torch.float32), "after": torch.ones(3)}, str(path))

@@ -8,14 +8,13 @@ import logging
 import layout_fixtures
 import pytest
 import torch
-from safetensors.torch import save_file
-
-from flux2_accel.optim import tiny
 from flux2_accel.optim.errors import InputError, ModelFileError
-from flux2_accel.optim.feature_api import RunReport
+from flux2_accel.optim.features.api import RunReport
+from flux2_accel.optim.features.lora import FEATURE, LoraSpec, prepare_for_compile, stack
 from flux2_accel.optim.handle import ModelHandle
-from flux2_accel.optim.store import ModelStore
-from flux2_accel.optim.lora import FEATURE, LoraSpec, prepare_for_compile, stack
+from flux2_accel.optim.models import tiny
+from flux2_accel.optim.run.store import ModelStore
+from safetensors.torch import save_file
 
 pytestmark = pytest.mark.usefixtures("comfyui_inference_mode")  # as ComfyUI runs prompts
 
@@ -406,7 +405,7 @@ def test_failed_load_leaves_base_and_loaded_stack_usable(tmp_path, model, base_s
 
 
 def test_store_prepared_runs_the_lora_feature(tmp_path, model, base_sd, base_out):
-    from flux2_accel.optim import features
+    from flux2_accel.optim.features import registry as features
 
     assert features.FEATURE_MODULES[0] == "lora"
     lora = rand_lora(base_sd, seed=1)
@@ -449,14 +448,14 @@ def test_stack_node_returns_new_handle(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("precision", ["fp8_e4m3fn", "nf4"])
 def test_quantized_bases_keep_adapters_unfused(tmp_path, base_sd, precision):
-    from flux2_accel.optim import precision as precision_module
+    from flux2_accel.optim.models import precision as precision_module
 
     model = tiny.build_transformer(SPEC, seed=0)
     model.load_state_dict(base_sd)
     try:
         model = precision_module.apply_precision(model.to(torch.bfloat16), precision)
     except InputError:
-        pytest.skip(f"{precision} is not available in optim.precision yet")
+        pytest.skip(f"{precision} is not available in optim.models.precision yet")
     lora = diffusers_lora(base_sd, seed=3)
     path = write(tmp_path, "d.safetensors", fmt_diffusers(lora))
     s = Session(model)

@@ -1,4 +1,5 @@
-"""The step cache's BFL-layout adapter (optim/caching/bfl_layout.py) on a tiny BFL-layout model, without ComfyUI."""
+"""The step cache's BFL-layout adapter (optim/features/caching/bfl_layout.py) on a tiny BFL-layout model, without
+ComfyUI."""
 
 from __future__ import annotations
 
@@ -6,13 +7,11 @@ import contextlib
 
 import pytest
 import torch
-
-from flux2_accel.optim.caching import CacheSettings
-from flux2_accel.optim.caching.bfl_layout import (STATE_KEY, BflStepCache, block_replacements, branch_names,
-                                                  modulated_input)
-from flux2_accel.optim.errors import InputError
-
 from bfl_tiny import TinyBflFlux2
+from flux2_accel.optim.errors import InputError
+from flux2_accel.optim.features.caching import CacheSettings
+from flux2_accel.optim.features.caching.bfl_layout import (STATE_KEY, BflStepCache, block_replacements, branch_names,
+                                                           modulated_input)
 
 METHODS = ("fbcache", "teacache")
 

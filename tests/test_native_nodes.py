@@ -7,14 +7,12 @@ import types
 
 import pytest
 import torch
-
+from bfl_tiny import TinyBflFlux2
 from flux2_accel.nodes import comfy_patching, native_cache, native_compile
 from flux2_accel.nodes.cache import Flux2AccelStepCache
-from flux2_accel.optim.caching import CacheSettings
-from flux2_accel.optim.caching.bfl_layout import STATE_KEY
 from flux2_accel.optim.errors import InputError
-
-from bfl_tiny import TinyBflFlux2
+from flux2_accel.optim.features.caching import CacheSettings
+from flux2_accel.optim.features.caching.bfl_layout import STATE_KEY
 
 
 def test_native_cache_node_has_the_pack_nodes_widgets():
@@ -112,7 +110,7 @@ def test_wrapper_transformer_options_positional_and_keyword():
 
 def test_diffusion_model_wrapper_times_calls_per_branch():
     """The wrapper hands the call's cond_or_uncond and batch size to the run's cache state."""
-    from flux2_accel.optim.caching.bfl_layout import BflStepCache
+    from flux2_accel.optim.features.caching.bfl_layout import BflStepCache
 
     model = TinyBflFlux2()
     cache = BflStepCache(CacheSettings("fbcache", 1e-9), 4, "dev", model.double_blocks[0], 2, 3)

@@ -7,12 +7,11 @@ import shutil
 
 import pytest
 import torch
-
 from flux2_accel import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 from flux2_accel.nodes import comfy_services
 from flux2_accel.nodes.loaders import DIFFUSERS_PREFIX
 from flux2_accel.optim.errors import InputError, ModelFileError
-from flux2_accel.optim.store import STORE
+from flux2_accel.optim.run.store import STORE
 
 pytestmark = pytest.mark.usefixtures("comfyui_inference_mode")  # as ComfyUI runs prompts
 
@@ -131,7 +130,7 @@ def test_services_degrade_without_comfyui():
 
 
 def test_compile_node_in_the_graph_matches_eager_and_compiles_the_vae_decoder(models_dir):
-    from flux2_accel.optim.compile import CompileSettings
+    from flux2_accel.optim.features.compile import CompileSettings
 
     model, vae, cond, eager = _generate()
     (compiled_model,) = node("Flux2AccelCompile").apply(model, "regional", "default", "auto", False, "eager", True)

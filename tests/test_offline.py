@@ -73,7 +73,7 @@ socket.getaddrinfo, socket.create_connection = getaddrinfo, create_connection
 RUN = '''
 import importlib, pkgutil, sys
 import flux2_accel
-from flux2_accel.optim import cli
+from flux2_accel.optim.cli import main as cli
 
 imported = []
 for info in pkgutil.walk_packages(flux2_accel.__path__, "flux2_accel."):
@@ -107,6 +107,6 @@ def test_importing_every_module_and_the_demo_make_no_network_request(tmp_path):
     assert seen["during_pack"] == [], seen["during_pack"]
     assert seen["generate"] == 0 and output.stat().st_size > 0
     modules = set(seen["imported"])
-    assert {"flux2_accel.optim.engine", "flux2_accel.optim.remote.client", "flux2_accel.optim.queue_client",
+    assert {"flux2_accel.optim.run.engine", "flux2_accel.optim.serve.remote.client", "flux2_accel.optim.serve.queue_client",
             "flux2_accel.nodes.sampler", "flux2_accel.nodes.remote"} <= modules, sorted(modules)
     assert seen["control"] == [["create_connection", "huggingface.co"]]  # the guard can fail the test

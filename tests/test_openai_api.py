@@ -21,7 +21,7 @@ from flux2_accel.optim.serve import openai_api as api
 BASE = {"model": "flux2-dev", "prompt": "a red fox in the snow"}
 
 
-def png_bytes(width=32, height=16, color=(200, 30, 10)) -> bytes:
+def png_bytes(width=64, height=80, color=(200, 30, 10)) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (width, height), color).save(buffer, format="PNG")
     return buffer.getvalue()
@@ -72,8 +72,9 @@ def test_every_field_accepted_at_once():
                                                 ("hd", 50, "high")])
 def test_quality_presets(quality, steps, name):
     request = api.parse_generation_request({**BASE, "quality": quality})
-    assert request.steps == steps == api.QUALITY_STEPS[quality]
-    assert request.quality_name == name
+    assert api.QUALITY_STEPS[quality] == steps
+    assert request.steps is None  # the model maps the quality to its own steps
+    assert (request.quality, request.quality_name) == (quality, name)
 
 
 def test_jpeg_and_webp_default_to_full_quality_and_png_carries_no_compression():
@@ -178,11 +179,11 @@ def test_edit_with_two_images_parses_form_strings():
     fields = {"model": "flux2-edit", "prompt": "make it blue", "n": "2", "size": "512x512", "stream": "true",
               "partial_images": "1", "seed": "42", "guidance": "2.5", "output_format": "jpeg",
               "output_compression": "80"}
-    request = api.parse_edit_request(fields, [("a.png", png_bytes(32, 16)), ("b.png", png_bytes(8, 24))])
+    request = api.parse_edit_request(fields, [("a.png", png_bytes(96, 64)), ("b.png", png_bytes(64, 72))])
     assert (request.n, request.size, request.stream, request.partial_images) == (2, (512, 512), True, 1)
     assert (request.seed, request.guidance, request.output_format, request.output_compression) == (42, 2.5, "jpeg",
                                                                                                   80)
-    assert [image.size for image in request.images] == [(32, 16), (8, 24)]
+    assert [image.size for image in request.images] == [(96, 64), (64, 72)]
     assert all(image.mode == "RGB" for image in request.images)
     assert request.images[0].getpixel((0, 0)) == (200, 30, 10)
 
@@ -194,6 +195,8 @@ def test_edit_with_two_images_parses_form_strings():
     ({}, [("x.png", png_bytes())] * (api.MAX_REFERENCE_IMAGES + 1), "image", "at most 10"),
     ({}, [("notes.txt", b"hello")], "image", "image 0 ('notes.txt') is not a readable image"),
     ({}, [("a.png", png_bytes()), ("bomb.png", bomb_png())], "image", "image 1 ('bomb.png')"),
+    ({}, [("a.png", png_bytes()), ("small.png", png_bytes(63, 200))], "image",
+     "image 1 ('small.png') is 63x200: reference images must be at least 64 pixels"),
     ({"n": "two"}, None, "n", "n must be an integer, not 'two'"),
     ({"n": "1.5"}, None, "n", "n must be an integer"),
     ({"n": "11"}, None, "n", "between 1 and 10"),

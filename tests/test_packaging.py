@@ -38,7 +38,8 @@ def test_requirements_match_pyproject():
 
 def test_para_attn_is_not_a_dependency_and_no_module_imports_it():
     """para-attn 0.3.38, its last release, declares a direct-URL dependency that pip >= 26.3 refuses from PyPI, so
-    it made the pack uninstallable with pip; the pack's First Block Cache is its own (optim/caching/fbcache.py)."""
+    it made the pack uninstallable with pip; the pack's First Block Cache is its own
+    (optim/features/caching/fbcache.py)."""
     meta = _pyproject()["project"]
     lines = [l for l in (ROOT / "requirements.txt").read_text().splitlines() if l.strip() and not l.startswith("#")]
     for names in (_names(meta["dependencies"]), _names(lines), set(_constraints()),
@@ -59,7 +60,7 @@ def test_pyproject_metadata():
     meta = _pyproject()
     assert meta["project"]["name"] == "flux2-accel"
     assert "test" in meta["project"]["optional-dependencies"]
-    assert meta["project"]["scripts"]["flux2-accel"] == "flux2_accel.optim.cli:main"
+    assert meta["project"]["scripts"]["flux2-accel"] == "flux2_accel.optim.cli.main:main"
     comfy = meta["tool"]["comfy"]
     assert {"PublisherId", "DisplayName", "Icon"} <= set(comfy)
     assert meta["tool"]["setuptools"]["package-dir"]["flux2_accel"] == "."

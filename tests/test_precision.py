@@ -8,17 +8,16 @@ import json
 import logging
 import sys
 
+import layout_fixtures
 import pytest
 import torch
-from safetensors.torch import save_file
-
-from flux2_accel.optim import loading, offload, precision, prequant, tiny
 from flux2_accel.optim.errors import InputError, ModelFileError
-from flux2_accel.optim.precision import Fp8Linear
-from flux2_accel.optim.sampling import SamplingParams, sample
-from flux2_accel.optim.text_encoding import Flux2Conditioning, TextEncoder
-
-import layout_fixtures
+from flux2_accel.optim.models import loading, precision, tiny
+from flux2_accel.optim.models.precision import Fp8Linear
+from flux2_accel.optim.models.text_encoding import Flux2Conditioning, TextEncoder
+from flux2_accel.optim.run import offload
+from flux2_accel.optim.run.sampling import SamplingParams, sample
+from safetensors.torch import save_file
 
 QUANTIZED = ("fp8_e4m3fn", "fp8_e4m3fn_fast", "nf4")
 # Deviation of the final latents from bf16 on the same seed (measured on TINY: fp8 0.0025, nf4 0.0041).
@@ -89,7 +88,7 @@ def test_each_precision_samples_close_to_bf16(parts, conditioning, bf16_latent, 
 
 
 def test_decoded_image_psnr_against_bf16(parts, conditioning, bf16_latent):
-    from flux2_accel.optim.latents import decode
+    from flux2_accel.optim.run.latents import decode
 
     model = precision.apply_precision(copy.deepcopy(parts.transformer), "fp8_e4m3fn")
     image = decode(parts.vae, sample(model, parts.vae, conditioning, PARAMS))

@@ -11,9 +11,8 @@ import uuid
 from pathlib import Path
 
 import pytest
+from flux2_accel.optim.cli import main as cli
 from PIL import Image
-
-from flux2_accel.optim import cli
 
 aiohttp = pytest.importorskip("aiohttp")
 from aiohttp import web  # noqa: E402
@@ -280,7 +279,7 @@ def test_execution_error_names_node_type_and_message_and_stops(fake_comfyui, wor
 
 def test_execution_error_seen_only_in_history_is_reported():
     """A client that joins late may miss the websocket message; the history's status still carries the error."""
-    from flux2_accel.optim.queue_client import error_from_history
+    from flux2_accel.optim.serve.queue_client import error_from_history
 
     entry = {"status": {"status_str": "error", "messages": [
         ["execution_start", {"prompt_id": "p"}],

@@ -10,8 +10,7 @@ import threading
 import time
 
 import pytest
-
-from flux2_accel.optim import cli
+from flux2_accel.optim.cli import main as cli
 
 aiohttp = pytest.importorskip("aiohttp")
 from aiohttp import web  # noqa: E402

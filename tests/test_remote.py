@@ -21,18 +21,17 @@ import urllib.request
 import pytest
 import torch
 from aiohttp import web
-
-from flux2_accel.optim import tiny
 from flux2_accel.optim.errors import InputError, Interrupted
-from flux2_accel.optim.remote import client as client_module
-from flux2_accel.optim.remote.client import (RemoteAuthError, RemoteEncoderConfig, RemoteEncoderError,
-                                             RemoteTextEncoder, RetryPolicy, TokenNotAllowedError, resolve_token,
-                                             safe_url)
-from flux2_accel.optim.remote.embedding_cache import EmbeddingCache
-from flux2_accel.optim.remote.protocol import PUBLIC_URL, TORCH_TYPE, decode_tensor, encode_tensor
-from flux2_accel.optim.remote.server import STATS_KEY, create_app
-from flux2_accel.optim.sampling import check_conditioning
-from flux2_accel.optim.text_encoding import TextEncoder
+from flux2_accel.optim.models import tiny
+from flux2_accel.optim.models.text_encoding import TextEncoder
+from flux2_accel.optim.run.sampling import check_conditioning
+from flux2_accel.optim.serve.remote import client as client_module
+from flux2_accel.optim.serve.remote.client import (RemoteAuthError, RemoteEncoderConfig, RemoteEncoderError,
+                                                   RemoteTextEncoder, RetryPolicy, TokenNotAllowedError, resolve_token,
+                                                   safe_url)
+from flux2_accel.optim.serve.remote.embedding_cache import EmbeddingCache
+from flux2_accel.optim.serve.remote.protocol import PUBLIC_URL, TORCH_TYPE, decode_tensor, encode_tensor
+from flux2_accel.optim.serve.remote.server import STATS_KEY, create_app
 
 TOKEN = "tok-S3CRET-7f1e9a"
 WIDTH = 3 * tiny.TINY.text_hidden_size  # the tiny Mistral's conditioning width (96)
@@ -208,7 +207,7 @@ def test_server_needs_a_token_unless_told_otherwise(text_encoder, monkeypatch, c
     with pytest.raises(InputError, match="needs a token"):
         create_app(text_encoder)
     create_app(text_encoder, no_auth=True)  # explicit opt-out is allowed
-    from flux2_accel.optim import cli
+    from flux2_accel.optim.cli import main as cli
 
     monkeypatch.delenv("FLUX2_ACCEL_REMOTE_TOKEN", raising=False)
     rc = cli.main(["serve-text-encoder", "--text-encoder", str(tmp_path / "te.safetensors")])
@@ -218,11 +217,10 @@ def test_server_needs_a_token_unless_told_otherwise(text_encoder, monkeypatch, c
 
 
 def test_cli_serves_a_text_encoder_file(text_encoder, monkeypatch, tmp_path, capsys):
+    from flux2_accel.optim.cli import main as cli
+    from flux2_accel.optim.models.loading import load_text_encoder
+    from flux2_accel.optim.serve.remote import server as server_module
     from safetensors.torch import save_file
-
-    from flux2_accel.optim import cli
-    from flux2_accel.optim.loading import load_text_encoder
-    from flux2_accel.optim.remote import server as server_module
 
     path = tmp_path / "mistral_tiny.safetensors"
     save_file({k: v.clone() for k, v in text_encoder.model.state_dict().items()}, str(path))  # clone: tied weights
@@ -453,10 +451,9 @@ def test_cache_is_bounded_least_recently_used_first(tmp_path):
 
 
 def test_token_never_lands_in_workflow_metadata_outputs_or_logs(our_server, monkeypatch, tmp_path, caplog):
+    from flux2_accel.nodes.remote import Flux2AccelRemoteTextEncode, remote_encoder
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
-
-    from flux2_accel.nodes.remote import Flux2AccelRemoteTextEncode, remote_encoder
 
     monkeypatch.setenv("FLUX2_ACCEL_REMOTE_TOKEN", TOKEN)
     monkeypatch.setenv("FLUX2_ACCEL_REMOTE_HOSTS", "127.0.0.1")

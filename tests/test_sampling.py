@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import layout_fixtures
 import pytest
 import torch
-
-from flux2_accel.optim import latents
 from flux2_accel.optim.errors import InputError, Interrupted
-from flux2_accel.optim.sampling import SamplingParams, sample
-from flux2_accel.optim.text_encoding import TextEncoder
+from flux2_accel.optim.models.text_encoding import TextEncoder
+from flux2_accel.optim.run import latents
+from flux2_accel.optim.run.sampling import SamplingParams, sample
 
 FAMILY_TE = {"dev": "mistral", "klein": "qwen3"}
 
@@ -18,7 +18,7 @@ def _encoder(comps):
 
 
 def _diffusers_images(comps, prompt, params, **extra):
-    pipe = comps.pipeline()
+    pipe = layout_fixtures.full_pipeline(comps)
     out = pipe(prompt=prompt, height=params.height, width=params.width, num_inference_steps=params.steps,
                guidance_scale=params.guidance, num_images_per_prompt=params.batch_size,
                generator=torch.Generator().manual_seed(params.seed), output_type="pt",
@@ -82,7 +82,7 @@ def test_bad_parameters_are_named(tiny_models, field, kwargs, match):
 
 
 def test_conditioning_from_wrong_encoder(tiny_models):
-    from flux2_accel.optim.text_encoding import Flux2Conditioning
+    from flux2_accel.optim.models.text_encoding import Flux2Conditioning
 
     cond = Flux2Conditioning(torch.zeros(1, 8, 7), "mistral")
     with pytest.raises(InputError, match=r"width 7 .*expects width 96"):
@@ -110,8 +110,7 @@ def test_bf16_model_samples_with_float32_latents_and_leaves_no_hook(tiny_models)
     import dataclasses
 
     from diffusers.hooks import HookRegistry
-
-    from flux2_accel.optim.sampling import FLOAT32_LATENTS_HOOK
+    from flux2_accel.optim.run.sampling import FLOAT32_LATENTS_HOOK
 
     comps = tiny_models.dev
     transformer = copy.deepcopy(comps.transformer).to(torch.bfloat16)
@@ -122,7 +121,7 @@ def test_bf16_model_samples_with_float32_latents_and_leaves_no_hook(tiny_models)
     registry = HookRegistry.check_if_exists_or_initialize(transformer)
     assert registry.get_hook(FLOAT32_LATENTS_HOOK) is None and "forward" not in transformer.__dict__
     last = {}
-    pipe = dataclasses.replace(comps, transformer=transformer).pipeline()
+    pipe = layout_fixtures.full_pipeline(dataclasses.replace(comps, transformer=transformer))
     pipe(prompt_embeds=cond.prompt_embeds, height=48, width=64, num_inference_steps=4, guidance_scale=p.guidance,
          generator=torch.Generator().manual_seed(3), output_type="latent",
          callback_on_step_end=lambda pl, i, t, kw: last.update(latents=kw["latents"]) or {})

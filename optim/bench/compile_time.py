@@ -24,10 +24,10 @@ import torch
 def compile_once(config: str = "small", height: int = 128, width: int = 128, device: str = "cpu",
                  scope: str = "regional", mode: str = "default", text_tokens: int = 32) -> dict:
     """Compile the bench's `config` transformer in this process and run one forward; the compile feature's stats."""
-    from ..compile import CompileSettings, activate
-    from ..feature_api import RunReport
+    from ..features.api import RunReport
+    from ..features.compile import CompileSettings, activate
     from ..handle import ModelHandle
-    from ..tiny import forward_inputs
+    from ..models.tiny import forward_inputs
     from .models import CONFIGS, BenchModel
 
     model = BenchModel(config, CONFIGS[config], torch.device(device)).transformer()
@@ -45,7 +45,7 @@ def fresh_process_compile(config: str = "small", height: int = 128, width: int =
                           cache_dir: str = "", timeout: float = 1800) -> dict:
     """`compile_once` in a new Python process whose compile caches live in `cache_dir`; its stats plus the
     process's wall time (`process_s`)."""
-    from ..compile import CACHE_ENV
+    from ..features.compile import CACHE_ENV
 
     env = dict(os.environ, **{CACHE_ENV: str(cache_dir)})
     env.pop("TORCHINDUCTOR_CACHE_DIR", None)
@@ -76,7 +76,7 @@ def cold_and_warm(config: str = "small", height: int = 128, width: int = 128, de
 def _main(argv=None) -> None:
     import argparse
 
-    from ..compile import MODES, SCOPES
+    from ..features.compile import MODES, SCOPES
     from .models import CONFIGS
 
     parser = argparse.ArgumentParser(description="Compile the bench's random-weight FLUX.2 transformer once; "

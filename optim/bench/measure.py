@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..precision import rel_l2
+from ..models.precision import rel_l2
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")

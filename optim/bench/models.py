@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..tiny import SMALL, TINY, TINY_KLEIN, ComponentSpec
+from ..models.tiny import SMALL, TINY, TINY_KLEIN, ComponentSpec
 from .settings import CONFIG_NAMES
 
 # The real members of the family (shapes from the shipped configs; /work/shared/recipes/README.txt). The text width
@@ -73,7 +73,7 @@ class BenchModel:
         tens of times slower, bf16 on a GPU."""
         from diffusers import AutoencoderKLFlux2
 
-        from ..tiny import build_vae
+        from ..models.tiny import build_vae
 
         dtype = torch.float32 if self.device.type == "cpu" else torch.bfloat16
         if not self.real_vae:

@@ -2,8 +2,9 @@
 
 `baseline` is bare diffusers (Flux2Pipeline / Flux2KleinPipeline built here from diffusers alone, a scheduler from
 FLUX.2's shipped config, embeddings in, latents out): no pack code on its path. Every other row goes through the
-pack's own run path, exactly as the sampler node does: a `ModelHandle` asking for the feature, and `optim.engine.run`
-(the store switching the registered features on for the run, then sampling; the bench decodes outside the timing).
+pack's own run path, exactly as the sampler node does: a `ModelHandle` asking for the feature, and
+`optim.run.engine.run` (the store switching the registered features on for the run, then sampling; the bench decodes
+outside the timing).
 
 Each row gets a fresh `ModelStore` holding its own transformer built from the same seed (`BenchModel.transformer`),
 injected under the handle's base key with the precision applied as `ModelStore.transformer` applies it, so no row
@@ -20,9 +21,9 @@ from typing import Any, Callable
 
 import torch
 
-from ..caching.fbcache import relative_change
-from ..precision import psnr, weight_bytes
-from ..sampling import float32_latents
+from ..features.caching.fbcache import relative_change
+from ..models.precision import psnr, weight_bytes
+from ..run.sampling import float32_latents
 from .measure import PeakMemory, Stopwatch, latent_deviation, median
 from .models import SCHEDULER_CONFIG, BenchModel
 from .settings import DEFAULT_ROWS, GPU_ONLY_ROWS, ROW_NAMES  # noqa: F401 (re-exported)
@@ -97,13 +98,13 @@ class Measured:
 @dataclass
 class BenchContext:
     model: BenchModel
-    params: Any  # optim.sampling.SamplingParams
+    params: Any  # optim.run.sampling.SamplingParams
     prompt_embeds: torch.Tensor
     vae: torch.nn.Module
     warmup: int
     workdir: Path
     warm_params: Any = None  # the warm-up runs' parameters (fewer steps, same shapes); None: `params`
-    attention_backend: str = "sdpa"  # what every pack row asks for (optim.attention.BACKENDS), attn-* rows aside
+    attention_backend: str = "sdpa"  # what every pack row asks for (features.attention.BACKENDS), attn-* rows aside
     compile_backend: str = "inductor"  # torch.compile backend of the compiling rows
     cold_process_compile: bool = True  # the compile row also times a cold compile in a fresh process
     first_block_residuals: list = field(default_factory=list)  # the baseline's, per step (FirstBlockRecorder)
@@ -126,7 +127,7 @@ class BenchContext:
             if not self.can_calibrate:
                 raise RuntimeError("fbcache-half calibrates from the baseline's first-block residuals, and the "
                                    f"baseline has not run yet with {MIN_CALIBRATION_STEPS} steps or more")
-            from ..caching import CacheSettings
+            from ..features.caching import CacheSettings
 
             threshold, skips = half_skip_threshold(
                 self.first_block_residuals,
@@ -135,7 +136,7 @@ class BenchContext:
         return self.calibrated_threshold
 
     def conditioning(self):
-        from ..text_encoding import Flux2Conditioning
+        from ..models.text_encoding import Flux2Conditioning
 
         return Flux2Conditioning(prompt_embeds=self.prompt_embeds, family="mistral" if self.model.family == "dev"
                                  else "qwen3", encoder_identity=f"bench-random-{self.model.seed}")
@@ -339,8 +340,8 @@ class PackRun(RowRun):
     def __init__(self, ctx: BenchContext, precision: str = "bf16", count_blocks: bool = True, **handle_fields):
         super().__init__(ctx)
         from ..handle import ModelHandle, VaeHandle
-        from ..precision import apply_precision
-        from ..store import ModelStore
+        from ..models.precision import apply_precision
+        from ..run.store import ModelStore
 
         self.store = ModelStore()
         self.handle = ModelHandle(source=f"<bench {ctx.model.name} seed {ctx.model.seed}>", precision=precision,
@@ -362,7 +363,7 @@ class PackRun(RowRun):
         return self.handle
 
     def run_once(self, params=None) -> torch.Tensor:
-        from .. import engine
+        from ..run import engine
 
         if self.calibrate_cache and (params is None or self.ctx.can_calibrate):
             # A warm-up run before the baseline ran in full (interleaved) keeps the placeholder: it only warms.
@@ -398,7 +399,7 @@ def precision_row(precision: str) -> Callable[[BenchContext], RowRun]:
     def start(ctx: BenchContext) -> RowRun:
         run = PackRun(ctx, precision)
         if precision == "fp8_e4m3fn_fast":
-            from .. import precision as prec
+            from ..models import precision as prec
 
             supported = getattr(prec, "fast_fp8_supported", None)
             if supported is not None and not supported(ctx.device):
@@ -411,7 +412,7 @@ def cache_row(method: str, threshold: float | str | None) -> Callable[[BenchCont
     """Step caching with `method` at `threshold` (None: the method's default; "half": calibrated from the baseline
     to skip about half the steps, see `BenchContext.fbcache_half_threshold`)."""
     def start(ctx: BenchContext) -> RowRun:
-        from ..caching import DEFAULT_THRESHOLDS, CacheSettings
+        from ..features.caching import DEFAULT_THRESHOLDS, CacheSettings
 
         value = (DEFAULT_THRESHOLDS[method] if threshold is None
                  else PLACEHOLDER_THRESHOLD if threshold == "half" else threshold)
@@ -453,7 +454,7 @@ class CompileRun(PackRun):
 
     def __init__(self, ctx: BenchContext, precision: str = "bf16", cold_process: bool | None = None,
                  **handle_fields):
-        from ..compile import CompileSettings
+        from ..features.compile import CompileSettings
         from .compile_time import fresh_process_compile
 
         p = ctx.params
@@ -481,7 +482,7 @@ class CompileRun(PackRun):
             self.run_once(self.ctx.warm_params)
 
     def timed(self) -> None:
-        from ..compile import graph_count
+        from ..features.compile import graph_count
 
         before = graph_count()
         super().timed()
@@ -515,8 +516,8 @@ class CompileRun(PackRun):
 def all_on(ctx: BenchContext) -> RowRun:
     """fp8 matmuls (fp8 storage where the device has none) + regional compile + First Block Cache at the threshold
     of `fbcache-half`: the features composed, as a user would switch them all on."""
-    from ..caching import CacheSettings
-    from ..precision import fast_fp8_supported
+    from ..features.caching import CacheSettings
+    from ..models.precision import fast_fp8_supported
 
     fast = fast_fp8_supported(ctx.device)
     run = AllOnRun(ctx, "fp8_e4m3fn_fast" if fast else "fp8_e4m3fn", cold_process=False,
@@ -542,7 +543,7 @@ def attention_row(choice: str) -> Callable[[BenchContext], RowRun]:
     """The pack's path with attention_backend `choice`; unavailable where it would fall back to SDPA (it would only
     repeat pack-bf16). Its deviation is against bare diffusers' SDPA, which pack-bf16 matches bit for bit."""
     def start(ctx: BenchContext) -> RowRun:
-        from ..attention import resolve
+        from ..features.attention import resolve
 
         resolved = resolve(choice, ctx.device, torch.bfloat16)
         if resolved.fallback:
@@ -582,7 +583,7 @@ class LoraRestrengthRun(PackRun):
 
     def handle_for(self, i: int):
         strength = LORA_STRENGTHS[self.strength_index % len(LORA_STRENGTHS)]
-        from ..lora import LoraSpec
+        from ..features.lora import LoraSpec
 
         return self.handle.replace(loras=(LoraSpec(str(self.path), strength),))
 

@@ -19,13 +19,13 @@ from pathlib import Path
 
 import torch
 
-from ..cli_models import torch_device
+from ..devices import torch_device
 from ..errors import InputError
 from .measure import speedup
 from .models import CONFIGS, REAL_CONFIGS, BenchModel
-from .settings import DEFAULT_CONFIG, DEFAULT_REPEATS, DEFAULT_SIZE, DEFAULT_STEPS, DEFAULT_WARMUP, SEED
 from .rows import (DEFAULT_ROWS, ERROR, OK, ROW_NAMES, ROWS, UNAVAILABLE, BenchContext, RowResult, Unavailable,
                    fidelity, release)
+from .settings import DEFAULT_CONFIG, DEFAULT_REPEATS, DEFAULT_SIZE, DEFAULT_STEPS, DEFAULT_WARMUP, SEED
 
 log = logging.getLogger("flux2_accel")
 
@@ -47,7 +47,7 @@ class BenchOptions:
     seed: int = SEED
     guidance: float = 4.0
     interleave: bool | None = None  # None: interleave unless the real sizes (their modules would not fit together)
-    attention_backend: str = "sdpa"  # every pack row's (optim.attention.BACKENDS); the attn-* rows set their own
+    attention_backend: str = "sdpa"  # every pack row's (features.attention.BACKENDS); the attn-* rows set their own
     compile_backend: str = "inductor"  # torch.compile backend of the compile and all-on rows
     warmup_steps: int | None = None  # steps of a warm-up run (same shapes, so everything is warm); None: --steps
     cold_process_compile: bool = True  # the compile row also compiles in a fresh process (cold compile time)
@@ -55,7 +55,7 @@ class BenchOptions:
     temp_dir: str | None = None  # where the run's work folder (flux2-accel-bench-*) goes; None: the system's temp
 
     def validate(self) -> None:
-        from ..attention import BACKENDS
+        from ..features.attention import BACKENDS
 
         if self.attention_backend not in BACKENDS:
             raise InputError(f"--attention-backend is '{self.attention_backend}': choose one of "
@@ -89,7 +89,7 @@ def run_bench(options: BenchOptions, progress=None, on_row=None) -> tuple[list[R
     """Run the rows of `options` (baseline always first: it is the reference). Returns the rows, in the order asked
     (baseline first), and a description of the machine. on_row(results): called with every row's result so far
     each time a row is done (the device check writes its JSON then, so a run cut short still leaves one)."""
-    from ..sampling import SamplingParams
+    from ..run.sampling import SamplingParams
 
     options.validate()
     say = progress or (lambda text: None)
@@ -211,7 +211,7 @@ class _Bench:
         return True
 
     def _finish(self, name: str, run) -> None:
-        from ..latents import decode
+        from ..run.latents import decode
 
         measured = self._stage(name, run.result)
         run.close()
@@ -275,7 +275,8 @@ def _import_everything() -> None:
     import diffusers  # noqa: F401
     from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Pipeline, Flux2Transformer2DModel  # noqa: F401
 
-    from .. import engine, features  # noqa: F401
+    from ..features import registry as features  # noqa: F401
+    from ..run import engine  # noqa: F401
 
 
 def machine_description(device: torch.device) -> dict:
@@ -297,7 +298,7 @@ def machine_description(device: torch.device) -> dict:
         desc["gpu"] = torch.cuda.get_device_name(device)
         desc["cuda"] = torch.version.cuda
         desc["compute_capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
-    from ..attention import resolve
+    from ..features.attention import resolve
 
     auto = resolve("auto", device, torch.bfloat16)
     desc["attention_auto"] = auto.backend  # what attention_backend "auto" picks here (diffusers' name)

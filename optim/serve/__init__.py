@@ -1,2 +1,2 @@
-"""Serving the engine over HTTP: the request and reply schemas that the pack's API routes share, free of any web
-framework, so the ComfyUI routes and a later standalone server parse, check and answer requests the same way."""
+"""Talking to other processes: remote/ (the remote text encoder's client, server, protocol and embedding cache), the
+ComfyUI queue client, and the OpenAI image API's schema (openai_api); Ray Serve goes here next."""

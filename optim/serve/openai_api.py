@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 
 from ..errors import InputError
 from ..images import open_image_bytes
-from ..options import MAX_GUIDANCE, MAX_RESOLUTION, MAX_SEED, MAX_STEPS, SIZE_MULTIPLE
+from ..options import MAX_GUIDANCE, MAX_RESOLUTION, MAX_SEED, MAX_STEPS, MIN_REFERENCE_SIDE, SIZE_MULTIPLE
 
 DEFAULT_MAX_N = 10  # images per request; a deployment may lower or raise it (parse_*(max_n=...)); more is refused
 MAX_PROMPT_CHARS = 32_000  # OpenAI's own bound for its GPT image models; far beyond what the text encoders read
@@ -29,7 +29,8 @@ RESPONSE_FORMATS = ("b64_json", "url")
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
 DEFAULT_OUTPUT_COMPRESSION = 100  # OpenAI's default; for jpeg and webp, the encoder's quality
 
-# quality -> sampling steps. "auto" keeps the workflow's own steps (None). OpenAI's DALL-E names map onto these:
+# quality -> sampling steps for a model that does not set its own presets (a distilled one does). "auto" keeps the
+# workflow's own steps (None). OpenAI's DALL-E names map onto these:
 # "standard" is "medium", "hd" is "high". The `steps` extension sets the count directly (with quality auto only).
 QUALITY_STEPS = {
     "low": 12,
@@ -172,8 +173,9 @@ def authorize(header_value: str | None, listen_host: str, configured_key: str | 
 
 @dataclass(frozen=True)
 class ImageRequest:
-    """A checked request. size None is "auto" (the workflow's own); steps None keeps the workflow's steps; seed
-    None lets the workflow pick; images are the decoded RGB reference images (edits only)."""
+    """A checked request. size None is "auto" (the workflow's own); steps is the `steps` extension, None when the
+    request did not set it (the model then maps `quality` to its own steps: a distilled model takes fewer); seed
+    None lets the server pick; images are the decoded RGB reference images (edits only)."""
     model: str
     prompt: str
     n: int = 1
@@ -235,9 +237,13 @@ def _decode_images(images):
     for index, (filename, data) in enumerate(images):
         what = f"image {index} ('{filename}')" if filename else f"image {index}"
         try:
-            yield open_image_bytes(data, what)
+            image = open_image_bytes(data, what)
         except InputError as e:
             raise bad_field("image", str(e), "invalid_image") from None
+        if min(image.size) < MIN_REFERENCE_SIDE:
+            raise bad_field("image", f"{what} is {image.size[0]}x{image.size[1]}: reference images must be at least "
+                            f"{MIN_REFERENCE_SIDE} pixels on each side.", "image_too_small")
+        yield image
 
 
 def _refuse_unknown(fields: dict, known) -> None:
@@ -361,8 +367,6 @@ def _parse_fields(fields: dict, read: _JsonReader, max_n: int) -> ImageRequest:
             raise bad_field("steps", f"steps and quality '{values['quality']}' both set the step count: send one "
                             "of them (quality auto keeps steps).")
         values["steps"] = steps
-    else:
-        values["steps"] = QUALITY_STEPS[values.get("quality", "auto")]
     if read.present("stream"):
         values["stream"] = read.boolean("stream")
     if read.present("partial_images"):

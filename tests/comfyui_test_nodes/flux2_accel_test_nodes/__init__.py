@@ -3,7 +3,8 @@
 ComfyUI's FLUX.2 CLIP loader builds full-size Mistral 3 (24B), so a test cannot make a tiny CONDITIONING with
 CLIPTextEncode. This node builds one the way CLIPTextEncode lays it out for FLUX.2: the prompt's tokens only (no
 padding to 512), a `pooled_output` of None and an attention mask, seeded random values of any width. And an
-empty latent with the tiny VAE's channel count.
+empty latent with the tiny VAE's channel count. And a pass-through that sends previews, since the tiny models' latents
+have no preview factors (real FLUX.2 latents do).
 """
 
 import torch
@@ -43,5 +44,29 @@ class Flux2AccelTestEmptyLatent:
         return ({"samples": torch.zeros(1, channels, height // 16, width // 16)},)
 
 
+class Flux2AccelTestPreviews:
+    """Passes its images on after sending `count` previews of the first one through ComfyUI's progress bar, as a
+    sampler does with its latent previews (they reach the prompt's client as binary websocket frames)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"images": ("IMAGE",), "count": ("INT", {"default": 3, "min": 1, "max": 50})}}
+
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "run"
+    CATEGORY = "testing"
+
+    def run(self, images, count):
+        import comfy.utils
+        from PIL import Image
+
+        pixels = (images[0].clamp(0, 1) * 255).to(torch.uint8).cpu().numpy()
+        bar = comfy.utils.ProgressBar(count)
+        for step in range(count):
+            bar.update_absolute(step + 1, count, ("JPEG", Image.fromarray(pixels), 512))
+        return (images,)
+
+
 NODE_CLASS_MAPPINGS = {"Flux2AccelTestNativeConditioning": Flux2AccelTestNativeConditioning,
-                       "Flux2AccelTestEmptyLatent": Flux2AccelTestEmptyLatent}
+                       "Flux2AccelTestEmptyLatent": Flux2AccelTestEmptyLatent,
+                       "Flux2AccelTestPreviews": Flux2AccelTestPreviews}
