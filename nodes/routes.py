@@ -1,4 +1,5 @@
-"""HTTP routes the pack's frontend calls (web/flux2_accel.js), registered on ComfyUI's server when it runs.
+"""HTTP routes the pack's frontend calls (web/flux2_accel.js), registered on ComfyUI's server when it runs, with the
+OpenAI image API's (nodes/openai_routes.py).
 
 GET /flux2accel/estimate?kind=diffusion_model|text_encoder&name=<model choice>&precision=<precision>
   200 {"bytes": 17812345678, "text": "≈17.8 GB at nf4"}  weight memory once loaded, read from the file's header
@@ -16,7 +17,7 @@ import os
 from ..optim.errors import Flux2AccelError
 from ..optim.models import layouts
 from ..optim.models.estimate import estimate_weight_bytes, format_bytes
-from . import loaders
+from . import loaders, openai_routes
 
 log = logging.getLogger("flux2_accel")
 
@@ -77,4 +78,5 @@ def register_with_comfyui() -> bool:
     if instance is None:
         return False
     register(instance.routes)
+    openai_routes.register(instance.routes)
     return True
