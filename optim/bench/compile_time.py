@@ -20,16 +20,16 @@ import time
 
 import torch
 
+from ..features.api import RunReport
+from ..features.compile import MODES, SCOPES, CompileSettings, activate
+from ..handle import ModelHandle
+from ..models.tiny import forward_inputs
+from .models import CONFIGS, BenchModel
+
 
 def compile_once(config: str = "small", height: int = 128, width: int = 128, device: str = "cpu",
                  scope: str = "regional", mode: str = "default", text_tokens: int = 32) -> dict:
     """Compile the bench's `config` transformer in this process and run one forward; the compile feature's stats."""
-    from ..features.api import RunReport
-    from ..features.compile import CompileSettings, activate
-    from ..handle import ModelHandle
-    from ..models.tiny import forward_inputs
-    from .models import CONFIGS, BenchModel
-
     model = BenchModel(config, CONFIGS[config], torch.device(device)).transformer()
     settings = CompileSettings(scope=scope, mode=mode)
     handle = ModelHandle(source=f"<bench {config}>", compile=settings)
@@ -75,9 +75,6 @@ def cold_and_warm(config: str = "small", height: int = 128, width: int = 128, de
 
 def _main(argv=None) -> None:
     import argparse
-
-    from ..features.compile import MODES, SCOPES
-    from .models import CONFIGS
 
     parser = argparse.ArgumentParser(description="Compile the bench's random-weight FLUX.2 transformer once; "
                                                  "print the compile feature's stats as JSON.")

@@ -19,9 +19,13 @@ from pathlib import Path
 
 import torch
 
+import diffusers
+
 from ..devices import torch_device
 from ..errors import InputError
-from .measure import speedup
+from ..features import registry as features  # noqa: F401 (loaded before the memory floor is read)
+from ..run import engine  # noqa: F401 (loaded before the memory floor is read)
+from .measure import median, speedup
 from .models import CONFIGS, REAL_CONFIGS, BenchModel
 from .rows import (DEFAULT_ROWS, ERROR, OK, ROW_NAMES, ROWS, UNAVAILABLE, BenchContext, RowResult, Unavailable,
                    fidelity, release)
@@ -258,8 +262,6 @@ class _Bench:
 
 def _fill(result: RowResult, measured, params) -> None:
     """Copy a row's measurement into its result; times per step from the median timed run (a batch of one)."""
-    from .measure import median
-
     result.run_seconds = [round(s, 6) for s in measured.run_seconds]
     result.sec_per_image = median(measured.run_seconds) / params.batch_size
     result.sec_per_step = result.sec_per_image / params.steps
@@ -272,16 +274,10 @@ def _fill(result: RowResult, measured, params) -> None:
 
 def _import_everything() -> None:
     """Load the libraries before the memory floor is read, so a row's peak counts what the row holds."""
-    import diffusers  # noqa: F401
     from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Pipeline, Flux2Transformer2DModel  # noqa: F401
-
-    from ..features import registry as features  # noqa: F401
-    from ..run import engine  # noqa: F401
 
 
 def machine_description(device: torch.device) -> dict:
-    import diffusers
-
     cpu = platform.processor() or ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

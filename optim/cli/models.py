@@ -7,6 +7,9 @@ import torch
 
 from ..devices import default_device, torch_device
 from ..handle import ModelHandle, TextEncoderHandle, VaeHandle
+from ..models import tiny
+from ..models.precision import apply_precision, apply_text_encoder_precision
+from ..models.text_encoding import TextEncoder
 
 
 def device(args) -> torch.device:
@@ -21,10 +24,6 @@ def components(args, store):
     model_options = dict(precision=precision, offload=getattr(args, "offload", "none"),
                          attention_backend=getattr(args, "attention_backend", "auto"))
     if args.demo:
-        from ..models import tiny
-        from ..models.precision import apply_precision, apply_text_encoder_precision
-        from ..models.text_encoding import TextEncoder
-
         c = tiny.build_components(tiny.TINY)
         # The random weights stay float32 at bf16 (nothing to convert), as the demo always ran; other precisions
         # convert them as loading a file would.

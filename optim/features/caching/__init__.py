@@ -135,7 +135,10 @@ def activate(store, transformer, handle, report):
     run = method.new_run(settings, getattr(params, "steps", None), handle.family or family_of(transformer))
     # Too few steps: the gate refuses every skip, so no method (diffusers' own hooks included) is installed; the
     # calls are only counted.
-    installed = counted_only if run.skips_nothing else method.installed
+    # The modules that load torch are imported here, by name, as the methods are: this package stays torch-free
+    # for `flux2-accel --help`.
+    installed = (importlib.import_module(".transformer_hook", __package__).counted_only if run.skips_nothing
+                 else method.installed)
     try:
         with installed(transformer, run):
             yield
@@ -147,14 +150,6 @@ def activate(store, transformer, handle, report):
                  stats["estimated_time_saved_s"])
         if "note" in stats:
             log.info("flux2-accel step cache: %s", stats["note"])
-
-
-def counted_only(transformer, run):
-    """The run's calls counted as computed, with no method deciding anything."""
-    from .transformer_hook import step_cache_installed  # loads torch: this package stays torch-free for `--help`
-
-    return step_cache_installed(transformer, run, lambda forward, branch, args, kwargs: (forward(*args, **kwargs),
-                                                                                         False))
 
 
 def _decides_in_forward(handle) -> bool:

@@ -80,3 +80,9 @@ def installed(module: torch.nn.Module, hook: ModelHook, name: str):
 def step_cache_installed(transformer, run: CacheRun, call):
     """A step cache routing `transformer`'s calls through `call` (see StepCacheHook) for one run."""
     return installed(transformer, StepCacheHook(run, call), STEP_CACHE_HOOK)
+
+
+def counted_only(transformer, run):
+    """The run's calls counted as computed, with no method deciding anything (a run too short to skip any)."""
+    return step_cache_installed(transformer, run, lambda forward, branch, args, kwargs: (forward(*args, **kwargs),
+                                                                                         False))
