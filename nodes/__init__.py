@@ -8,7 +8,7 @@ from . import input_checks
 
 # Explicit registry: add a module here when it defines nodes.
 NODE_MODULES = ("loaders", "text", "sampler", "vae", "remote", "cache", "lora", "compile", "bridges", "native_cache",
-                "native_compile")
+                "native_compile", "parallel")
 
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}

@@ -3,6 +3,7 @@ native MODEL. Tensors cross unchanged (optim/native/conditioning.py); the model 
 
 from __future__ import annotations
 
+from ..optim.errors import InputError
 from ..optim.native import conditioning as native_conditioning
 from . import native_model
 
@@ -64,6 +65,10 @@ class Flux2AccelToModel:
                    "LoRA loaders are refused: put LoRAs on LoRA Stack (FLUX.2) before this node.")
 
     def convert(self, model):
+        if getattr(model, "parallel", None) is not None:
+            raise InputError("Model to ComfyUI (FLUX.2): this model went through Parallel (FLUX.2), which only the "
+                             "pack's Sampler (FLUX.2) runs; ComfyUI's samplers run a model on one GPU. Take the "
+                             "model from before the Parallel node.")
         return (native_model.native_patcher(model),)
 
 

@@ -6,7 +6,7 @@ import logging
 
 from ..optim.errors import Interrupted
 from ..optim.options import MAX_BATCH_SIZE, MAX_GUIDANCE, MAX_RESOLUTION, MAX_SEED, MAX_STEPS, SIZE_MULTIPLE
-from ..optim.run import engine
+from ..optim.parallel import group
 from ..optim.run.sampling import SamplingParams
 from . import comfy_services, native_model
 
@@ -57,7 +57,7 @@ class Flux2AccelSampler:
         params = SamplingParams(width, height, steps, guidance, seed, batch_size)
         progress = comfy_services.Progress(steps)
         try:
-            result = engine.run(model, vae, conditioning, params, reference_images=reference_images,
+            result = group.run(model, vae, conditioning, params, reference_images=reference_images,
                                 negative=negative, device=comfy_services.torch_device(),
                                 on_step=lambda i, n, get: progress.update(i, get),
                                 should_interrupt=comfy_services.interrupt_requested,

@@ -19,3 +19,7 @@ class Interrupted(Exception):
 
 class NonFiniteError(Flux2AccelError):
     """A run produced NaN or Inf values (a model file, LoRA or precision at fault), caught instead of a black image."""
+
+
+class ParallelError(Flux2AccelError):
+    """A multi-GPU run could not start or its actor group failed (Ray missing, an actor died, too few GPUs)."""

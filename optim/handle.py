@@ -34,6 +34,7 @@ class ModelHandle:
     compile: Any = None  # compile settings (optim.features.compile.CompileSettings), or None
     family: str = ""  # "dev" or "klein", filled in when known
     attention_backend: str = "auto"  # features.attention.BACKENDS; applied per run, never part of the base weights
+    parallel: Any = None  # one image over several GPUs (optim.features.context_parallel.ParallelSettings), or None
 
     def replace(self, **changes) -> "ModelHandle":
         return dataclasses.replace(self, **changes)

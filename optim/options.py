@@ -11,6 +11,8 @@ TEXT_ENCODER_PRECISIONS = ("bf16", "fp8_e4m3fn", "fp8_e4m3fn_fast", "nf4")
 OFFLOAD_MODES = ("none", "model_cpu", "sequential", "group")
 ATTENTION_BACKENDS = ("auto", "sdpa", "cudnn", "flash", "sage")
 DEFAULT_ATTENTION_BACKEND = "auto"
+PARALLEL_MODES = ("ulysses", "ring", "cfg", "auto")  # one image over several GPUs (features/context_parallel.py)
+MAX_PARALLEL_GPUS = 8
 
 # Sampling parameters (the sampler node's widgets, SamplingParams.validate, `generate`'s flags).
 SIZE_MULTIPLE = 16  # width and height: multiples of the VAE's factor times the 2x2 patch

@@ -27,7 +27,7 @@ TOPIC_OF_NODE = {
     "Flux2AccelLoraStack": "docs/lora.md", "Flux2AccelCompile": "docs/compile.md",
     "Flux2AccelToConditioning": "docs/native-graph.md", "Flux2AccelFromConditioning": "docs/native-graph.md",
     "Flux2AccelToModel": "docs/native-graph.md", "Flux2AccelNativeStepCache": "docs/native-graph.md",
-    "Flux2AccelNativeCompile": "docs/native-graph.md",
+    "Flux2AccelNativeCompile": "docs/native-graph.md", "Flux2AccelParallel": "docs/multi-gpu.md",
 }
 
 

@@ -100,6 +100,12 @@ FLUX2_REMOTE_TEXT_ENCODE["4"] = ("Flux2AccelRemoteTextEncode", "Remote Text Enco
                                   "endpoint_url": "https://remote-text-encoder-flux-2.huggingface.co/predict",
                                   "expects": "dev (Mistral 3, width 15360)", "use_cache": True, "timeout": 120}, {})
 
+# One image on two GPUs: the Parallel node between the loader and the sampler (Ulysses over the attention heads).
+FLUX2_MULTI_GPU = with_node({
+    **with_node(FLUX2_T2I, "1", {"offload": "none"}),  # every GPU holds the whole model: no offload
+    "14": ("Flux2AccelParallel", "Parallel (FLUX.2)", {"gpus": 2, "mode": "ulysses"}, {"model": ("1", 0)}),
+}, "5", links={"model": ("14", 0)})
+
 WORKFLOWS = {
     "flux2_t2i": FLUX2_T2I,
     "flux2_t2i_fast": FLUX2_T2I_FAST,
@@ -109,6 +115,7 @@ WORKFLOWS = {
     "flux2_lora_stack": FLUX2_LORA_STACK,
     "flux2_low_vram_nf4": FLUX2_LOW_VRAM,
     "flux2_remote_text_encode": FLUX2_REMOTE_TEXT_ENCODE,
+    "flux2_multi_gpu": FLUX2_MULTI_GPU,
 }
 # The pack's NF4 model in ComfyUI's own sampling graph: loader -> Model to ComfyUI -> KSampler, with the pack's text
 # encoder bridged to CONDITIONING, FluxGuidance, and ComfyUI's VAE.
@@ -189,7 +196,7 @@ LAYOUT = {"1": [40, 60], "2": [40, 220], "3": [40, 380], "4": [420, 60], "5": [4
           "7": [40, 540], "8": [40, 820],
           # the reference images below the loaders, their batch below the sampler; a negative prompt or a LoRA
           # stack where the speed nodes go
-          "9": [40, 540], "10": [40, 900], "11": [420, 720], "12": [40, 540], "13": [40, 540]}
+          "9": [40, 540], "10": [40, 900], "11": [420, 720], "12": [40, 540], "13": [40, 540], "14": [40, 540]}
 # Workflows laid out on their own grid: id -> [x, y]
 LAYOUTS = {
     "flux2_nf4_ksampler": {"1": [40, 60], "2": [40, 220], "3": [420, 60], "4": [420, 200], "5": [420, 420],
@@ -220,6 +227,7 @@ OUTPUT_TYPES = {
     "Flux2AccelSampler": [("image", "IMAGE"), ("latent", "LATENT")],
     "Flux2AccelStepCache": [("model", "FLUX2_MODEL")],
     "Flux2AccelCompile": [("model", "FLUX2_MODEL")],
+    "Flux2AccelParallel": [("model", "FLUX2_MODEL")],
     "Flux2AccelLoraStack": [("model", "FLUX2_MODEL")],
     "Flux2AccelRemoteTextEncode": [("conditioning", "FLUX2_CONDITIONING")],
     "SaveImage": [],
@@ -320,6 +328,11 @@ NOTES = {  # workflow -> [(markdown, [x, y], [width, height])]
         "Compile (FLUX.2, native MODEL) compiles the transformer blocks at the first prompt; later prompts, LoRA "
         "strengths, seeds and thresholds reuse it. Both work on any MODEL ComfyUI loads for FLUX.2 (bf16, fp8, "
         "GGUF from another pack). Load CLIP's type must be `flux2`.", [1180, 620], [460, 420])],
+    "flux2_multi_gpu": [(
+        DEV_FILES + "\n\n**One image on two GPUs.** Parallel (FLUX.2) splits each image over `gpus` GPUs (Ulysses: "
+        "the attention heads; each GPU holds the whole model, so fp8 or nf4 for [dev] below 80 GB). Needs Ray "
+        "(`pip install \"ray>=2.50\"`): it starts on this machine at the first prompt, or joins the cluster at "
+        "`RAY_ADDRESS`, and stays warm between prompts.", [800, 380], [460, 400])],
     "flux2_remote_text_encode": [(
         downloads("dev_fp8", "vae") + "\n\n**No text encoder download.** The prompt is encoded on the remote "
         "endpoint. Set the token in the environment variable `FLUX2_ACCEL_REMOTE_TOKEN` (or the ComfyUI setting "

@@ -21,6 +21,6 @@ norm = lambda name: re.sub(r"[-_.]+", "-", name).lower()
 comfy = {norm(l.split("==")[0]) for l in open(sys.argv[2]) if "==" in l}
 print("".join(l for l in open(sys.argv[1]) if not (l.strip() and not l.startswith("#") and norm(re.split("[=<>]", l)[0].strip()) in comfy)))
 PY
-"$venv/bin/pip" install -q -c "$venv/pack-constraints.txt" -c "$venv/comfyui-requirements.txt" -r "$pack/requirements.txt" pytest playwright
+"$venv/bin/pip" install -q -c "$venv/pack-constraints.txt" -c "$venv/comfyui-requirements.txt" -r "$pack/requirements.txt" pytest playwright "ray>=2.50"
 "$venv/bin/pip" list 2>/dev/null | grep -i -E '^comfyui[-_]frontend' 
 echo "ready: COMFYUI_DIR=$comfy COMFYUI_PYTHON=$venv/bin/python"

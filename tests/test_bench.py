@@ -337,7 +337,7 @@ def all_on_run(tmp_path_factory):
 
 def test_default_rows_hold_all_on_and_leave_the_gpu_only_rows_out():
     assert {"all-on", "fbcache-half", "compile"} <= set(DEFAULT_ROWS) and BenchOptions().rows == DEFAULT_ROWS
-    assert not {"nf4-offload", "attn-cudnn", "attn-flash", "attn-sage"} & set(DEFAULT_ROWS)
+    assert not {"nf4-offload", "attn-cudnn", "attn-flash", "attn-sage", "cp2", "cp4"} & set(DEFAULT_ROWS)
     assert set(DEFAULT_ROWS) < set(ROW_NAMES)
 
 

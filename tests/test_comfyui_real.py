@@ -331,7 +331,7 @@ def test_thirty_prompts_do_not_grow_the_server(comfyui):
 # ---------------------------------------------------------------- every feature workflow, queued as shipped
 
 FEATURE_WORKFLOWS = {"flux2_edit_two_references", "flux2_klein_4b_distilled", "flux2_klein_base_negative",
-                     "flux2_lora_stack", "flux2_low_vram_nf4", "flux2_remote_text_encode"}
+                     "flux2_lora_stack", "flux2_low_vram_nf4", "flux2_remote_text_encode", "flux2_multi_gpu"}
 
 
 def _queue_feature_workflow(url, log_path, name, graph, tiny_models):
@@ -396,3 +396,14 @@ def test_feature_workflow_queued_over_http_yields_an_image(comfyui, tiny_models,
         assert "offload 'model_cpu' has no effect without a GPU" in log_path.read_text()
     elif name == "flux2_remote_text_encode":
         assert remote_stats["requests"] == 1 and remote_stats["refused"] == 0
+    elif name == "flux2_multi_gpu":  # two Ray ranks inside ComfyUI's process tree, the one-device image
+        assert "parallel: ulysses=2, ring=1, cfg=1, ranks=2" in stats, stats
+        one_device = json.loads(json.dumps(graph))
+        one_device[sampler]["inputs"]["model"] = graph[graph[sampler]["inputs"]["model"][0]]["inputs"]["model"]
+        single = _saved_pixels(base, _run(url, log_path, one_device), save)
+        one_device[sampler]["inputs"]["seed"] += 1
+        other_seed = _saved_pixels(base, _run(url, log_path, one_device), save)
+        mean_diff = lambda a, b: sum(abs(x - y) for x, y in zip(a, b)) / len(a)  # noqa: E731
+        # fp8 weights and bf16 activations: the ranks' shorter matmuls round differently from one device's
+        same, other = mean_diff(single, pixels), mean_diff(single, other_seed)
+        assert len(single) == len(pixels) and same < 1.0 and other > 10 * max(same, 0.1), (same, other)

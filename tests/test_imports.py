@@ -154,6 +154,7 @@ LAYERS = {
     "optim.run": 3,
     "optim.native": 4,
     "optim.serve": 4,
+    "optim.parallel": 4,
     "optim.bench": 5,
     "optim.cli": 6,
     "nodes": 7,

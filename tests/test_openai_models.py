@@ -63,6 +63,7 @@ DETECTED = {
     "flux2_lora_stack_api.json": (sampler_slots(), ("6",)),
     "flux2_low_vram_nf4_api.json": (sampler_slots(), ("6",)),
     "flux2_remote_text_encode_api.json": (sampler_slots(), ("6",)),
+    "flux2_multi_gpu_api.json": (sampler_slots(), ("6",)),
     # Native graphs: the size is on both the empty latent and Flux2Scheduler, and both are set.
     "flux2_native_t2i_fast_api.json": (native_slots(Slot("104", "text"), ("108", "112"), Slot("109", "noise_seed"),
                                                     Slot("112", "steps"), Slot("108", "batch_size"),

@@ -67,7 +67,8 @@ SECTIONS = (
     Section("dev", "FLUX.2 [dev]", "dev", "tiny", 28, 8,
             ("baseline", "pack-bf16", "fp8-fast", "fbcache-half", "all-on", "compile", "nf4-offload", "teacache",
              "attn-cudnn", "attn-flash", "attn-sage"), DEV_START_BUDGET_S),
-    Section("klein-4b", "FLUX.2 [klein] 4B", "klein-4b", "tiny-klein", 4, 4, ("baseline", "pack-bf16", "compile"),
+    Section("klein-4b", "FLUX.2 [klein] 4B", "klein-4b", "tiny-klein", 4, 4,
+            ("baseline", "pack-bf16", "compile", "cp2", "cp4"),
             KLEIN_START_BUDGET_S),
 )
 REAL_SIZE, TINY_SIZE = 1024, 64

@@ -15,18 +15,27 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from safetensors.torch import save_file
 
 from ..features.caching.fbcache import relative_change
-from ..models.precision import psnr, weight_bytes
+from ..features.compile import CompileSettings
+from ..handle import ModelHandle, VaeHandle
+from ..features.parallel_settings import ParallelSettings
+from ..models.precision import apply_precision, fast_fp8_supported, psnr, weight_bytes
+from ..parallel import group
+from ..run import engine
 from ..run.sampling import float32_latents
+from ..run.store import ModelStore
+from .compile_time import fresh_process_compile
 from .measure import PeakMemory, Stopwatch, latent_deviation, median
 from .models import SCHEDULER_CONFIG, BenchModel
-from .settings import DEFAULT_ROWS, GPU_ONLY_ROWS, ROW_NAMES  # noqa: F401 (re-exported)
+from .settings import DEFAULT_ROWS, GPU_ONLY_ROWS, MULTI_DEVICE_ROWS, ROW_NAMES  # noqa: F401 (re-exported)
 
 OK, UNAVAILABLE, ERROR = "ok", "unavailable", "error"
 
@@ -110,6 +119,7 @@ class BenchContext:
     first_block_residuals: list = field(default_factory=list)  # the baseline's, per step (FirstBlockRecorder)
     calibrated_threshold: float | None = None  # fixed by the first row that asks (`fbcache_half_threshold`)
     calibrated_skips: int | None = None  # what it skips on the baseline's trajectory
+    model_files: tuple[Path, Path, int] | None = None  # (transformer, vae, weight bytes), written by `written_model`
 
     @property
     def device(self) -> torch.device:
@@ -134,6 +144,19 @@ class BenchContext:
                 lambda t: CacheSettings(method="fbcache", threshold=t, min_steps=0).gate)
             self.calibrated_threshold, self.calibrated_skips = round(threshold, 6), skips
         return self.calibrated_threshold
+
+    def written_model(self) -> tuple[Path, Path, int]:
+        """The seeded transformer (bf16) and VAE as .safetensors files in the bench's folder, once per bench run:
+        rows whose models load in other processes (the parallel ranks) read them as a user's files."""
+        if self.model_files is None:
+            transformer = self.model.transformer()
+            files = (self.workdir / "transformer.safetensors", self.workdir / "vae.safetensors")
+            save_file({k: v.cpu().contiguous() for k, v in transformer.state_dict().items()}, str(files[0]))
+            save_file({k: v.cpu().float().contiguous() for k, v in self.vae.state_dict().items()}, str(files[1]))
+            self.model_files = (*files, weight_bytes(transformer))
+            del transformer
+            release()
+        return self.model_files
 
     def conditioning(self):
         from ..models.text_encoding import Flux2Conditioning
@@ -339,10 +362,6 @@ class PackRun(RowRun):
 
     def __init__(self, ctx: BenchContext, precision: str = "bf16", count_blocks: bool = True, **handle_fields):
         super().__init__(ctx)
-        from ..handle import ModelHandle, VaeHandle
-        from ..models.precision import apply_precision
-        from ..run.store import ModelStore
-
         self.store = ModelStore()
         self.handle = ModelHandle(source=f"<bench {ctx.model.name} seed {ctx.model.seed}>", precision=precision,
                                   family=ctx.model.family, attention_backend=ctx.attention_backend
@@ -363,8 +382,6 @@ class PackRun(RowRun):
         return self.handle
 
     def run_once(self, params=None) -> torch.Tensor:
-        from ..run import engine
-
         if self.calibrate_cache and (params is None or self.ctx.can_calibrate):
             # A warm-up run before the baseline ran in full (interleaved) keeps the placeholder: it only warms.
             self.calibrate_cache = False
@@ -399,10 +416,7 @@ def precision_row(precision: str) -> Callable[[BenchContext], RowRun]:
     def start(ctx: BenchContext) -> RowRun:
         run = PackRun(ctx, precision)
         if precision == "fp8_e4m3fn_fast":
-            from ..models import precision as prec
-
-            supported = getattr(prec, "fast_fp8_supported", None)
-            if supported is not None and not supported(ctx.device):
+            if not fast_fp8_supported(ctx.device):
                 run.note = "fp8 matmuls need a CUDA GPU of compute capability 8.9+: ran as fp8_e4m3fn (fp8 storage)"
         return run
     return start
@@ -454,9 +468,6 @@ class CompileRun(PackRun):
 
     def __init__(self, ctx: BenchContext, precision: str = "bf16", cold_process: bool | None = None,
                  **handle_fields):
-        from ..features.compile import CompileSettings
-        from .compile_time import fresh_process_compile
-
         p = ctx.params
         cache_dir = str(ctx.workdir / f"compile-cache-{id(self)}")
         self.cold_process = ctx.cold_process_compile if cold_process is None else cold_process
@@ -563,6 +574,47 @@ def offload_row(precision: str, offload: str) -> Callable[[BenchContext], RowRun
     return start
 
 
+# ---------------------------------------------------------------- several devices
+
+class ParallelRun(RowRun):
+    """The pack's path with a Parallel setting: `ranks` Ray actors (one GPU each, or one CPU core each) splitting
+    each image with Ulysses, loading the bench's model from files (`BenchContext.written_model`). The group starts in
+    the warm-up and stays up for the timed runs. Peak memory is not reported: the ranks are other processes."""
+
+    def __init__(self, ctx: BenchContext, ranks: int):
+        super().__init__(ctx)
+        if not group.ray_installed():
+            raise Unavailable(group.INSTALL_HINT)
+        on_gpu = ctx.device.type == "cuda"
+        devices = torch.cuda.device_count() if on_gpu else (os.cpu_count() or 1)
+        if devices < ranks:
+            raise Unavailable(f"{ranks} ranks need {ranks} {'GPUs' if on_gpu else 'CPU cores'}; this machine has "
+                              f"{devices}")
+        transformer, vae, self.weights = ctx.written_model()
+        self.handle = ModelHandle(str(transformer), precision="bf16", family=ctx.model.family,
+                                  attention_backend=ctx.attention_backend, parallel=ParallelSettings(ranks, "ulysses"))
+        self.vae = VaeHandle(str(vae), dtype="fp32")
+        self.conditioning = ctx.conditioning()
+        self.note = (f"{ranks} ranks, Ulysses; deviation is against the one-process baseline" if on_gpu else
+                     f"{ranks} CPU ranks over gloo, one core each: a CPU is not expected to speed up (the ranks "
+                     "share its cores and every attention call crosses processes); deviation is the figure")
+
+    def run_once(self, params=None) -> torch.Tensor:
+        result = group.run(self.handle, self.vae, self.conditioning, params or self.ctx.params, decode=False)
+        self.stats = result.report.stats
+        return result.latent.to(self.ctx.device)
+
+    def result(self) -> Measured:
+        return Measured(self.times, self.latent, self.weights, None, stats=_plain(self.stats), note=self.note)
+
+    def close(self) -> None:
+        group.release()
+
+
+def parallel_row(ranks: int) -> Callable[[BenchContext], RowRun]:
+    return lambda ctx: ParallelRun(ctx, ranks)
+
+
 # ---------------------------------------------------------------- LoRA
 
 LORA_STRENGTHS = (1.0, 0.5, 0.75, 0.25, 0.9, 0.6, 0.8, 0.4, 0.7, 0.3)
@@ -655,6 +707,9 @@ ROWS: tuple[Row, ...] = (
     Row("attn-cudnn", "attention_backend cudnn (torch's cuDNN attention)", attention_row("cudnn")),
     Row("attn-flash", "attention_backend flash (flash-attn 3 on Hopper, else 2)", attention_row("flash")),
     Row("attn-sage", "attention_backend sage (SageAttention, 8-bit QK)", attention_row("sage")),
+    # Not in the default run either: ranks on Ray, each holding the whole model.
+    Row("cp2", "2 ranks (GPUs, or CPU cores over gloo) splitting each image with Ulysses, on Ray", parallel_row(2)),
+    Row("cp4", "4 ranks splitting each image with Ulysses, on Ray", parallel_row(4)),
 )
 if tuple(r.name for r in ROWS) != ROW_NAMES:  # the names --help lists (settings.py) are the rows that run
     raise ImportError("optim/bench/settings.py ROW_NAMES must list rows.ROWS' names, in order")

@@ -16,9 +16,11 @@ from ..bench import settings as bench
 from ..errors import InputError
 from ..features.caching import DEFAULT_THRESHOLDS, METHODS, CacheSettings
 from ..features.compile_settings import DYNAMIC, MODES, SCOPES, CompileSettings
+from ..features.parallel_settings import ParallelSettings
 from ..options import (ATTENTION_BACKENDS, DEFAULT_ATTENTION_BACKEND, MAX_BATCH_SIZE, MAX_GUIDANCE, MAX_RESOLUTION,
                        MAX_SEED, MAX_STEPS, OFFLOAD_MODES, REMOTE_BODY_TIMEOUT_S, REMOTE_REPLY_FORMATS,
-                       REMOTE_TOKEN_ENV, SIZE_MULTIPLE, TEXT_ENCODER_PRECISIONS, TRANSFORMER_PRECISIONS)
+                       REMOTE_TOKEN_ENV, SIZE_MULTIPLE,
+                       MAX_PARALLEL_GPUS, PARALLEL_MODES, TEXT_ENCODER_PRECISIONS, TRANSFORMER_PRECISIONS)
 
 DEMO_SIZE = 64
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -164,6 +166,12 @@ def add_generate_arguments(p) -> None:
     lo.add_argument("--lora", action="append", default=[], type=lora_argument, metavar="FILE[:STRENGTH]",
                     help="LoRA .safetensors file and strength (default 1), applied in order (repeatable)")
 
+    pa = p.add_argument_group("several GPUs (the Parallel node; needs Ray: pip install \"ray>=2.50\")")
+    pa.add_argument("--gpus", type=int_between(1, MAX_PARALLEL_GPUS), default=1,
+                    help="GPUs (Ray actors) that share each image (default 1: no Ray)")
+    pa.add_argument("--parallel", choices=PARALLEL_MODES, default=None,
+                    help=f"how to split it over --gpus (default {ParallelSettings().mode})")
+
     o = p.add_argument_group("output")
     add_output_argument(o, "flux2.png", "output image, .png/.jpg/.webp (batch items get _1, _2... suffixes)")
 
@@ -186,11 +194,33 @@ def check_generate(args) -> None:
         problems += [f"{flag(n)} needs --cache-method" for n in CACHE_DETAIL_FLAGS if getattr(args, n) is not None]
     if not args.compile:
         problems += [f"{flag(n)} needs --compile" for n in COMPILE_DETAIL_FLAGS if getattr(args, n)]
+    problems += parallel_problems(args)
     problem = output_problem("--output", args.output, image=True)
     if problem:
         problems.append(problem)
     if problems:
         raise InputError("; ".join(problems) + ".")
+
+
+def parallel_problems(args) -> list[str]:
+    if args.gpus == 1:
+        return ["--parallel needs --gpus 2 or more"] if args.parallel is not None else []
+    problems = []
+    if args.demo:  # the ranks load the model from files: random weights built in this process do not reach them
+        problems.append("--gpus needs model files (--transformer, --text-encoder, --vae): --demo's random weights "
+                        "live in this process only")
+    if args.device is not None:
+        problems.append("--device does not combine with --gpus: every rank runs on a GPU of its own (or a CPU)")
+    if args.offload != OFFLOAD_MODES[0]:
+        problems.append(f"--offload {args.offload} does not combine with --gpus: every rank holds the whole model")
+    return problems
+
+
+def parallel_settings(args) -> ParallelSettings | None:
+    """The Parallel node's settings the flags ask for, or None for one device."""
+    if args.gpus == 1:
+        return None
+    return ParallelSettings(args.gpus, args.parallel or ParallelSettings().mode)
 
 
 def model_problems(args) -> list[str]:

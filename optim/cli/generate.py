@@ -3,8 +3,8 @@ nodes offer. Its arguments (cli_args.add_generate_arguments) were checked before
 diffusers, is imported.
 
 The handles are built as the nodes build them: the loader's ModelHandle, then `with_loras` (LoRA Stack),
-`with_step_cache(cache_settings(...))` (Step Cache), `compile_settings(...)` (Torch Compile); the run is the sampler
-node's `engine.run`, and the statistics printed are the lines the sampler node shows (`RunResult.stats_lines`).
+`with_step_cache(cache_settings(...))` (Step Cache), `compile_settings(...)` (Torch Compile), `--gpus` (Parallel); the run is the
+sampler node's (`parallel.group.run`: `engine.run`, or the actor group for --gpus 2+), and the statistics printed are the lines the sampler node shows (`RunResult.stats_lines`).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from ..features.caching import DEFAULT_THRESHOLDS, CacheSettings, cache_settings
 from ..features.compile_settings import compile_settings
 from ..features.lora import LoraSpec
 from ..images import open_image
+from ..parallel import group
 from ..run import engine
 from ..run.latents import to_pil
 from ..run.sampling import SamplingParams
@@ -52,7 +53,7 @@ def with_features(model, args):
         model = model.replace(compile=compile_settings(args.compile_scope, args.compile_mode, args.compile_dynamic,
                                                        args.compile_fullgraph, args.compile_backend,
                                                        args.compile_vae_decoder))
-    return model
+    return model.replace(parallel=cli_args.parallel_settings(args))
 
 
 def run(args) -> int:
@@ -72,8 +73,8 @@ def run(args) -> int:
     loaded = time.perf_counter()
     conditioning = encoder.encode(args.prompt)
     negative = encoder.encode(args.negative_prompt) if args.negative_prompt is not None else None
-    result = engine.run(model, vae, conditioning, params, store=store, reference_images=refs, negative=negative,
-                        device=device)
+    result = group.run(model, vae, conditioning, params, store=store, reference_images=refs, negative=negative,
+                       device=device)
     for img, path in zip(to_pil(result.image), paths):
         try:
             img.save(path)

@@ -153,10 +153,26 @@ def _device_of(transformer) -> torch.device:
     return execution_device()
 
 
+def ring_capable(resolved: Resolved, transformer, device: torch.device) -> Resolved:
+    """Ring attention (diffusers' context parallelism with a ring degree) merges partial attentions by their
+    log-sum-exp, which diffusers' `native` (SDPA) backend does not return: on a GPU, cuDNN's kernel does."""
+    config = getattr(transformer, "_parallel_config", None)
+    cp = getattr(config, "context_parallel_config", None)
+    if cp is None or (cp.ring_degree or 1) == 1 or resolved.backend != NATIVE:
+        return resolved
+    if device.type == "cuda":
+        return Resolved(resolved.asked, "_native_cudnn", "ring attention needs the kernel's log-sum-exp, which "
+                                                         "SDPA does not return")
+    raise InputError("parallel mode 'ring' needs an attention kernel that returns its log-sum-exp (cuDNN or "
+                     "flash-attn, on GPUs); torch's CPU attention does not: use mode 'ulysses' on CPU.")
+
+
 @contextlib.contextmanager
 def activate(store, transformer, handle, report):
     name = getattr(handle, "attention_backend", DEFAULT_BACKEND)
-    resolved = resolve(name, _device_of(transformer), getattr(transformer, "dtype", torch.bfloat16))
+    device = _device_of(transformer)
+    resolved = ring_capable(resolve(name, device, getattr(transformer, "dtype", torch.bfloat16)), transformer,
+                            device)
     warn_fallback(resolved)
     with backend_active(resolved) as used:
         report.stats["attention"] = {"asked": used.asked, "backend": used.backend, "fallback": used.fallback}

@@ -111,10 +111,29 @@ def rotary_memoized(pos_embed, capacity: int = 8):
     return hook_installed(pos_embed, RotaryMemoHook(capacity), ROTARY_MEMO_HOOK)
 
 
+def sum_across_ranks(transformer):
+    """Under diffusers' context parallelism (`enable_parallelism`), a function that sums a tensor over the ranks
+    that share one branch's tokens (all ranks, or one CFG half of them); None otherwise. See
+    CacheRun.sum_across_ranks."""
+    config = getattr(transformer, "_parallel_config", None)
+    if config is None or config.context_parallel_config is None:
+        return None
+    # diffusers' own (ring x ulysses) mesh of the ranks splitting one sequence, set up by enable_parallelism
+    group = config.context_parallel_config._flattened_mesh.get_group()
+
+    def summed(partial: torch.Tensor) -> torch.Tensor:
+        total = partial.clone()
+        torch.distributed.all_reduce(total, group=group)
+        return total
+
+    return summed
+
+
 @contextlib.contextmanager
 def installed(transformer, run: CacheRun, run_blocks):
     """A block-skipping method (`run_blocks`, see the module docs) on `transformer` for one run."""
     cached = Flux2CachedTransformerBlocks(transformer, run, run_blocks)
+    run.sum_across_ranks = sum_across_ranks(transformer)
 
     def keep_single_stream_mod(module, inputs, output):
         cached.single_stream_mod = output

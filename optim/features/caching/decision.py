@@ -95,6 +95,9 @@ class CacheRun:
         self.branches: dict[str, Branch] = {}
         self.branch_name: str | None = None
         self.step_index: int | None = None  # the step of the call in progress, where the adapter knows it
+        # Under context parallelism each rank sees a part of the tokens: the adapter sets a function that sums a
+        # tensor of partial sums over the ranks, so a method's statistic, and so its decision, is the same on all.
+        self.sum_across_ranks: Callable[[Any], Any] | None = None
         self.computed = 0
         self.skipped = 0
         self.time_computed = 0.0

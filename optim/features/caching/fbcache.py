@@ -49,9 +49,15 @@ def new_run(settings, total_steps: int | None, family: str) -> CacheRun:
                     new_state=FBCacheState)
 
 
-def relative_change(current: torch.Tensor, previous: torch.Tensor) -> float:
-    """First Block Cache's measure: mean |previous - current| / mean |previous|, computed in the tensors' dtype."""
-    return float((previous - current).abs().mean() / previous.abs().mean())
+def relative_change(current: torch.Tensor, previous: torch.Tensor, sum_across_ranks=None) -> float:
+    """First Block Cache's measure: mean |previous - current| / mean |previous|, computed in the tensors' dtype.
+    With `sum_across_ranks` (context parallelism: every rank holds an equal part of the tokens), the ratio of the
+    sums over all ranks, in float32: the whole image's measure, the same on every rank."""
+    if sum_across_ranks is None:
+        return float((previous - current).abs().mean() / previous.abs().mean())
+    sums = sum_across_ranks(torch.stack([(previous - current).abs().sum(dtype=torch.float32),
+                                         previous.abs().sum(dtype=torch.float32)]))
+    return float(sums[0] / sums[1])
 
 
 @torch.compiler.disable
@@ -66,7 +72,7 @@ def may_reuse(run: CacheRun, branch: Branch, first_residual: torch.Tensor) -> bo
         return False
     if branch.state.residual is None:  # a computed call that did not finish (its forward raised): nothing to reuse
         return False
-    return relative_change(first_residual, previous) < threshold
+    return relative_change(first_residual, previous, run.sum_across_ranks) < threshold
 
 
 @torch.compiler.disable

@@ -83,9 +83,15 @@ def modulated_input(first_block, hidden_states: torch.Tensor, temb_mod_img: torc
     return (1 + scale_msa) * first_block.norm1(hidden_states) + shift_msa
 
 
-def relative_l1(current: torch.Tensor, previous: torch.Tensor) -> float:
-    diff = (current - previous).abs().mean(dtype=torch.float32)
-    return float(diff / previous.abs().mean(dtype=torch.float32).clamp_min(1e-12))
+def relative_l1(current: torch.Tensor, previous: torch.Tensor, sum_across_ranks=None) -> float:
+    """mean |current - previous| / mean |previous| in float32; with `sum_across_ranks` (context parallelism), over
+    the whole image's tokens, the same on every rank (see fbcache.relative_change)."""
+    if sum_across_ranks is None:
+        diff = (current - previous).abs().mean(dtype=torch.float32)
+        return float(diff / previous.abs().mean(dtype=torch.float32).clamp_min(1e-12))
+    sums = sum_across_ranks(torch.stack([(current - previous).abs().sum(dtype=torch.float32),
+                                         previous.abs().sum(dtype=torch.float32)]))
+    return float(sums[0] / sums[1].clamp_min(1e-12))
 
 
 @torch.compiler.disable
@@ -99,7 +105,7 @@ def decide(run: CacheRun, branch: Branch, modulated: torch.Tensor) -> bool:
         return False
     if state.rescale is None:
         state.rescale = np.poly1d(run.settings.coefficients)
-    state.accumulated += abs(float(state.rescale(relative_l1(modulated, previous))))
+    state.accumulated += abs(float(state.rescale(relative_l1(modulated, previous, run.sum_across_ranks))))
     if state.accumulated < run.settings.threshold:
         return True
     state.accumulated = 0.0
