@@ -40,7 +40,8 @@ from ..models.arch import family_of
 from ..models.text_encoding import Flux2Conditioning
 from ..run import engine
 from ..run.engine import RunResult
-from ..run.sampling import SamplingParams, check_conditioning
+from ..run.latents import spatial_factor
+from ..run.sampling import SamplingParams, calls_both_branches, check_conditioning
 from ..run.store import STORE, ModelStore
 
 # Ray (the [parallel] extra), imported at first use: ComfyUI imports the pack whether or not a Parallel node runs,
@@ -184,7 +185,7 @@ class Rank:
             transformer = self.store.transformer(job.model)
             cfg_run = cfg_active(job.negative, job.params, family_of(transformer))
             layout = resolve_layout(job.model.parallel, transformer.config, cfg_run)
-            factor = 16
+            factor = spatial_factor(self.store.vae(job.vae))
             sequence_tokens_check(layout, (job.params.width // factor) * (job.params.height // factor),
                                   f"{job.params.width}x{job.params.height} image")
             sequence_tokens_check(layout, job.conditioning.prompt_embeds.shape[1], "prompt")
@@ -314,9 +315,9 @@ def merge_negative_branch(stats: dict, negative_stats: dict) -> None:
 
 
 def cfg_active(negative, params: SamplingParams, family: str | None) -> bool:
-    """Whether a run calls the transformer for two CFG branches (as optim.run.sampling decides it); the family is
-    unknown to the caller until the ranks load the model (None or "": [klein] assumed)."""
-    return negative is not None and params.guidance > 1.0 and family in (None, "", "klein")
+    """`calls_both_branches`, where the family may be unknown to the caller until the ranks load the model (None or
+    "": [klein] assumed)."""
+    return calls_both_branches(family or "klein", negative, params)
 
 
 GroupKey = tuple[ParallelSettings, bool]  # the settings, and whether runs split by CFG branch

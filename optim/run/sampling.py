@@ -148,6 +148,11 @@ def reference_pil_images(reference_images: torch.Tensor | list | None) -> list |
     return to_pil(reference_images) if torch.is_tensor(reference_images) else list(reference_images)
 
 
+def calls_both_branches(family: str, negative: Flux2Conditioning | None, params: SamplingParams) -> bool:
+    """Whether a run does CFG: two transformer calls a step, the negative prompt's and the positive one's."""
+    return family == "klein" and negative is not None and params.guidance > 1.0
+
+
 @torch.no_grad()
 def sample(transformer, vae, conditioning: Flux2Conditioning, params: SamplingParams, *,
            reference_images: torch.Tensor | list | None = None, negative: Flux2Conditioning | None = None,
@@ -158,7 +163,7 @@ def sample(transformer, vae, conditioning: Flux2Conditioning, params: SamplingPa
     params.validate(multiple=factor)
     check_conditioning(transformer, conditioning)
     family = family_of(transformer)
-    use_cfg = family == "klein" and negative is not None and params.guidance > 1.0
+    use_cfg = calls_both_branches(family, negative, params)
     if negative is not None:
         check_conditioning(transformer, negative, "negative conditioning")
     pipe = build_pipeline(transformer, vae, family, distilled=not use_cfg)
