@@ -318,6 +318,34 @@ def add_serve_arguments(p) -> None:
                         "default %(default)s)")
 
 
+# ---------------------------------------------------------------- serve (Ray Serve app)
+
+def add_serve_app_arguments(p) -> None:
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", metavar="FILE.toml", help="the models to serve and how (docs/serving.md)")
+    source.add_argument("--demo", action="store_true",
+                        help="serve the tiny random-weight model flux2-demo on this machine's CPU")
+    p.add_argument("--host", default=None, help="address to bind (default: the config's, else 127.0.0.1)")
+    p.add_argument("--port", type=port_number, default=None, help="default: the config's, else 8000")
+    p.add_argument("--allow-open", action="store_true",
+                   help="allow binding beyond loopback with no API key set (only on a trusted network)")
+    p.add_argument("--address", default=None,
+                   help="deploy onto the Ray cluster at this address (default: $RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--replicas", type=int_between(1, 64), default=1, help="--demo: Generator replicas (default 1)")
+    p.add_argument("--num-cpus", type=int_between(1, 1024), default=None,
+                   help="CPUs a local Ray may schedule (default: this machine's)")
+
+
+def check_serve_app(args) -> None:
+    """Read and check the configuration before Ray starts (a bad one is refused naming the key)."""
+    from ..serve.ray_serve import config as serve_config  # noqa: PLC0415  (loads torch: after --help)
+
+    config = (serve_config.demo_config(args.replicas) if args.demo else serve_config.load_config(args.config))
+    config = config.with_server(host=args.host, port=args.port, allow_open=args.allow_open or None)
+    config.check_security()
+    args.serve_config = config
+
+
 # ---------------------------------------------------------------- bench
 
 def add_bench_arguments(p) -> None:

@@ -30,6 +30,8 @@ COMMANDS = {
                         ".args:add_generate_arguments", ".generate", ".args:check_generate"),
     "serve-text-encoder": Command("serve a local text encoder over HTTP for Remote Text Encode nodes",
                                   ".args:add_serve_arguments", "..serve.remote.server"),
+    "serve": Command("serve the OpenAI-compatible image API on Ray Serve (a TOML config, or --demo)",
+                     ".args:add_serve_app_arguments", ".serve", ".args:check_serve_app"),
     "calibrate-teacache": Command("fit TeaCache coefficients for a FLUX.2 model from real runs",
                                   ".args:add_calibrate_arguments", ".calibrate", ".args:check_calibrate"),
     "bench": Command("benchmark the pack's rows against bare diffusers on random weights (time, memory, fidelity)",

@@ -93,21 +93,23 @@ def worker_setup() -> Callable[[], None]:
     return namespace["make_pack_importable"]
 
 
-def ray_started(num_cpus: int | None = None) -> None:
-    """Ray for this process: the cluster at RAY_ADDRESS (every machine needs the pack at the same path), else a
-    local one started in-process on this machine's CPUs and GPUs, bound to loopback, with no usage reporting and no
-    dashboard. num_cpus: what the local one may schedule, where that is not this machine's core count (CPU ranks
-    take one each: four ranks on a two-core machine, in the tests)."""
+def ray_started(num_cpus: int | None = None, address: str | None = None, log_to_driver: bool = False) -> None:
+    """Ray for this process: the cluster at `address` or RAY_ADDRESS (every machine needs the pack at the same
+    path), else a local one started in-process on this machine's CPUs and GPUs, bound to loopback, with no usage
+    reporting and no dashboard. num_cpus: what the local one may schedule, where that is not this machine's core
+    count (CPU ranks take one each: four ranks on a two-core machine, in the tests). log_to_driver: print the
+    workers' logs here (`serve` does; a ComfyUI or a generate run keeps its own output)."""
     require_ray()
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # Ray otherwise reports usage to its vendor
     runtime_env = {"worker_process_setup_hook": worker_setup(), "env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}}
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env, log_to_driver=False)
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=log_to_driver)
     else:
         ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", runtime_env=runtime_env,
-                 log_to_driver=False, num_cpus=num_cpus)
+                 log_to_driver=log_to_driver, num_cpus=num_cpus)
 
 
 @dataclass

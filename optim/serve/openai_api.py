@@ -8,6 +8,7 @@ status and OpenAI's error schema, naming the field (`param`) at fault. docs/open
 from __future__ import annotations
 
 import base64
+import hashlib
 import hmac
 import io
 import ipaddress
@@ -125,14 +126,31 @@ def check_body_size(size: int, limit: int = MAX_BODY_BYTES) -> None:
 
 def check_api_key(header_value: str | None, configured_key: str) -> None:
     """Raise 401 unless the Authorization header is "Bearer <configured_key>"; compared in constant time."""
+    token = _bearer_token(header_value)
+    if not hmac.compare_digest(token.encode("utf-8"), configured_key.encode("utf-8")):
+        raise bad_key("Incorrect API key.")
+
+
+def key_digest(key: str) -> str:
+    """The SHA-256 of a key: what a server that must not hold the key itself (a Serve replica) compares against."""
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def check_api_key_digest(header_value: str | None, digest: str) -> None:
+    """check_api_key against the key's digest (key_digest), in constant time."""
+    token = _bearer_token(header_value)
+    if not hmac.compare_digest(key_digest(token).encode("ascii"), digest.encode("ascii")):
+        raise bad_key("Incorrect API key.")
+
+
+def _bearer_token(header_value: str | None) -> str:
     if not header_value:
         raise bad_key("No API key: send the header 'Authorization: Bearer <key>'.")
     scheme, _, token = header_value.strip().partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token:
         raise bad_key("The Authorization header must be 'Bearer <key>'.")
-    if not hmac.compare_digest(token.encode("utf-8"), configured_key.encode("utf-8")):
-        raise bad_key("Incorrect API key.")
+    return token
 
 
 def is_loopback(listen_host: str) -> bool:

@@ -1,13 +1,3 @@
-"""Remote text encoding: a client for FLUX.2 remote text encoder endpoints, its embedding cache, and our server.
-
-The server (`server.py`, aiohttp) is imported on demand so the client stays dependency-light.
-"""
-
-from .client import (RemoteAuthError, RemoteEncoderConfig, RemoteEncoderError, RemoteTextEncoder, RetryPolicy,
-                     TokenNotAllowedError, listed_hosts, resolve_token, token_from_settings_file)
-from .embedding_cache import EmbeddingCache
-from .protocol import PUBLIC_URL, decode_tensor, encode_tensor
-
-__all__ = ["PUBLIC_URL", "EmbeddingCache", "RemoteAuthError", "RemoteEncoderConfig", "RemoteEncoderError",
-           "RemoteTextEncoder", "RetryPolicy", "TokenNotAllowedError", "decode_tensor", "encode_tensor",
-           "listed_hosts", "resolve_token", "token_from_settings_file"]
+"""Remote text encoding: a client for FLUX.2 remote text encoder endpoints (client.py), its embedding cache
+(embedding_cache.py), the wire format (protocol.py), the URL rules (urls.py, torch-free) and our server (server.py,
+aiohttp). Import the module you need: this package imports none of them, so the URL rules stay light."""

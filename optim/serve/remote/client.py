@@ -44,12 +44,12 @@ from ...errors import Flux2AccelError, InputError, Interrupted
 from ...models.text_encoding import Flux2Conditioning
 from ...options import REMOTE_TOKEN_ENV as TOKEN_ENV
 from .embedding_cache import EmbeddingCache
-from .protocol import CLIENT_ACCEPT, FLOAT_DTYPES, PUBLIC_URL, ReplyFormatError, decode_tensor
+from .protocol import CLIENT_ACCEPT, FLOAT_DTYPES, ReplyFormatError, decode_tensor
+from .urls import PUBLIC_URL, SETTINGS_TOKEN_ID, safe_url, validate_url
 
 log = logging.getLogger("flux2_accel")
 
 HF_TOKEN_ENV = "HF_TOKEN"
-SETTINGS_TOKEN_ID = "flux2accel.remote_token"
 HOSTS_ENV = "FLUX2_ACCEL_REMOTE_HOSTS"
 SETTINGS_HOSTS_ID = "flux2accel.remote_hosts"
 DEFAULT_HOST = urlsplit(PUBLIC_URL).hostname  # the official FLUX.2 remote text encoder
@@ -104,49 +104,6 @@ class RemoteEncoderConfig:
     family: str | None = None  # None: inferred from the width
     # Hosts the user listed (FLUX2_ACCEL_REMOTE_HOSTS / flux2accel.remote_hosts): "host" or "host:port" entries.
     allowed_hosts: tuple[str, ...] = ()
-
-
-def safe_url(url: str) -> str:
-    """`url` without credentials or query string: the form that may appear in messages and identities.
-
-    Never raises, even for a URL that urlsplit cannot read (it is used on the error path of such URLs too).
-    """
-    url = str(url)
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        if ":" in host:
-            host = f"[{host}]"
-        port = f":{parts.port}" if parts.port else ""
-        return f"{parts.scheme}://{host}{port}{parts.path}"
-    except ValueError:  # a bad port or bracket: keep the text, minus credentials, query and fragment
-        scheme, sep, rest = url.partition("://")
-        rest = re.split(r"[?#]", rest if sep else url, maxsplit=1)[0]
-        netloc, slash, path = rest.partition("/")
-        netloc = netloc.rpartition("@")[2]
-        return f"{scheme}{sep}{netloc}{slash}{path}"[:200]
-
-
-def validate_url(url: str, field_name: str = "endpoint_url") -> str:
-    url = (url or "").strip() if isinstance(url, str) else url
-    if not isinstance(url, str):
-        raise InputError(f"{field_name} must be a URL string such as {PUBLIC_URL}; got {type(url).__name__}.")
-    if re.search(r"[\x00-\x20\x7f]", url):
-        raise InputError(f"{field_name} {safe_url(url)!r} contains spaces or control characters; give a URL such as "
-                         f"{PUBLIC_URL}.")
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises ValueError for a bad port
-    except ValueError as e:
-        raise InputError(f"{field_name} '{safe_url(url)}' is not a valid URL ({e}); give one such as "
-                         f"{PUBLIC_URL} or http://host:8199/predict.") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise InputError(f"{field_name} must be an http:// or https:// URL such as {PUBLIC_URL}; "
-                         f"got '{safe_url(url)}'.")
-    if parts.username or parts.password:
-        raise InputError(f"{field_name} must not contain credentials: they would be saved in the workflow. Set the "
-                         f"token in the {TOKEN_ENV} environment variable or the ComfyUI setting '{SETTINGS_TOKEN_ID}'.")
-    return url
 
 
 def _is_loopback(host: str) -> bool:

@@ -22,8 +22,8 @@ import torch
 
 from ...errors import Flux2AccelError
 from ...options import REMOTE_REPLY_FORMATS
+from .urls import PUBLIC_URL  # noqa: F401  (re-exported: the endpoint's URL, where the protocol is spoken)
 
-PUBLIC_URL = "https://remote-text-encoder-flux-2.huggingface.co/predict"
 PREDICT_PATH = "/predict"
 
 SAFETENSORS_TYPE = "application/x-safetensors"

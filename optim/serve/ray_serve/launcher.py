@@ -1,0 +1,100 @@
+"""Start or join Ray, deploy the serve app, and wait until it answers: what `flux2-accel serve` and the tests run.
+
+Ray Serve and its HTTP stack are imported here, at first use, so that the pack, its CLI's `--help` and a refused
+configuration never load them; without them, the install hint. The deployments live in deployments.py.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+from dataclasses import dataclass
+
+from ...errors import Flux2AccelError
+from ...parallel import group
+from ..openai_api import key_digest
+from .config import INGRESS_NAME, ServeConfig
+from .status import is_starting, model_availability
+
+log = logging.getLogger("flux2_accel")
+
+APP_NAME = "flux2-accel"
+INSTALL_HINT = ('flux2-accel serve runs on Ray Serve, which is not installed in this Python: '
+                'pip install "flux2-accel[serve]" (Ray Serve and its HTTP stack), then run it again.')
+READY_TIMEOUT_S = 300.0
+_POLL_S = 0.25
+
+
+class ServeError(Flux2AccelError):
+    """The serve app could not start: Ray Serve missing, the port taken, the ingress failing."""
+
+
+def require_serve():
+    """Ray Serve's modules, imported now; ServeError with the install hint when they are missing."""
+    try:
+        for name in ("ray.serve", "fastapi", "multipart"):
+            importlib.import_module(name)
+    except ImportError:
+        raise ServeError(INSTALL_HINT) from None
+    from ray import serve  # noqa: PLC0415  (imported on first use: see the module docs)
+
+    from . import app  # noqa: PLC0415
+
+    return serve, app
+
+
+@dataclass(frozen=True)
+class Deployed:
+    url: str  # http://host:port/prefix, what an OpenAI client takes as base_url (with /v1)
+    app_name: str
+    models: dict  # model -> None when it serves, else why not
+
+
+def deploy(config: ServeConfig, *, address: str | None = None, num_cpus: int | None = None,
+           app_name: str = APP_NAME, route_prefix: str = "/", timeout_s: float = READY_TIMEOUT_S,
+           log_to_driver: bool = True) -> Deployed:
+    """Deploy `config` on Ray (started here, or the cluster at `address` / RAY_ADDRESS) and wait until its ingress
+    answers and each model either serves or has failed to load. Serve's HTTP proxy binds config.server's host and
+    port on the first deployment in a cluster; later ones share it under their own route_prefix."""
+    config.check_security()
+    serve, app_module = require_serve()
+    group.ray_started(num_cpus=num_cpus, address=address, log_to_driver=log_to_driver)
+    from ray.serve.config import HTTPOptions  # noqa: PLC0415
+
+    key = config.server.api_key()
+    try:
+        serve.start(http_options=HTTPOptions(host=config.server.host, port=config.server.port))
+        app = app_module.build_app(config, key_digest(key) if key else None)
+        serve.run_many([serve.RunTarget(app, name=app_name, route_prefix=route_prefix)],
+                       wait_for_applications_running=False)
+    except Exception as e:
+        raise ServeError(f"the serve app could not be deployed: {type(e).__name__}: {e}") from None
+    models = wait_until_settled(config, app_name, timeout_s)
+    prefix = route_prefix.rstrip("/")
+    return Deployed(f"http://{config.server.host}:{config.server.port}{prefix}", app_name, models)
+
+
+def wait_until_settled(config: ServeConfig, app_name: str, timeout_s: float) -> dict:
+    """model -> None or why it does not serve, once the ingress runs and every model serves or has failed."""
+    serve, _ = require_serve()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        app = serve.status().applications.get(app_name)
+        deployments = app.deployments if app else {}
+        ingress = deployments.get(INGRESS_NAME)
+        if ingress is not None and ingress.status == "DEPLOY_FAILED":
+            raise ServeError(f"the API ingress failed to start: {ingress.message}")
+        models = model_availability(deployments, config.models)
+        if ingress is not None and ingress.status == "HEALTHY" and not any(map(is_starting, models.values())):
+            return models
+        if time.monotonic() > deadline:
+            raise ServeError(f"the serve app did not start within {timeout_s:g} s: ingress "
+                             f"{ingress.status if ingress else 'not deployed'}, models {models}")
+        time.sleep(_POLL_S)
+
+
+def undeploy(app_name: str = APP_NAME) -> None:
+    """Remove the app; each replica finishes its running requests first (graceful_shutdown_timeout_s)."""
+    serve, _ = require_serve()
+    serve.delete(app_name)
