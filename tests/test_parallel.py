@@ -5,6 +5,7 @@ fixture), bound to loopback."""
 from __future__ import annotations
 
 import importlib
+import io
 import os
 import signal
 import subprocess
@@ -31,6 +32,9 @@ from flux2_accel.optim.parallel import group
 from flux2_accel.optim.run import engine
 from flux2_accel.optim.run.sampling import SamplingParams
 from flux2_accel.optim.run.store import ModelStore
+from flux2_accel.optim.serve.ray_serve.config import ModelConfig
+from flux2_accel.optim.serve.ray_serve.jobs import GenerationJob
+from flux2_accel.optim.serve.ray_serve.runtime import ServedModel
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -364,3 +368,17 @@ def test_importing_the_pack_leaves_ray_unimported():
             "assert 'ray' not in sys.modules, 'ray imported'; assert g.ray_installed(); print('ok')")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_a_serve_replica_of_two_gpus_runs_the_group_and_matches_one_process(ray_cluster, tiny_models):
+    # `flux2-accel serve` with gpus_per_replica = 2: the Generator replica drives the actor group (CPU ranks here).
+    files = dict(transformer=str(tiny_models.files["dev_diffusers_file"]),
+                 vae=str(tiny_models.files["vae_diffusers_file"]))
+    single = ServedModel(ModelConfig("m", "te", gpus_per_replica=0, **files))
+    parallel = ServedModel(ModelConfig("m", "te", gpus_per_replica=2, parallel="ulysses", **files))
+    assert parallel.model.parallel.gpus == 2 and single.model.parallel is None
+    job = GenerationJob("p", 64, 64, 4, 4.0, seed=3)
+    cond = conditioning(tiny_models.dev.transformer.config.joint_attention_dim)
+    a, b = (np.asarray(Image.open(io.BytesIO(m.generate(job, cond, None).images[0])), dtype=np.int16)
+            for m in (single, parallel))
+    assert a.shape == (64, 64, 3) and np.abs(a - b).max() <= 2

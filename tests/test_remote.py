@@ -32,6 +32,8 @@ from flux2_accel.optim.serve.remote.client import (RemoteAuthError, RemoteEncode
 from flux2_accel.optim.serve.remote.embedding_cache import EmbeddingCache
 from flux2_accel.optim.serve.remote.protocol import PUBLIC_URL, TORCH_TYPE, decode_tensor, encode_tensor
 from flux2_accel.optim.serve.remote.server import STATS_KEY, create_app
+from flux2_accel.optim.serve.ray_serve.config import TextEncoderConfig
+from flux2_accel.optim.serve.ray_serve.runtime import ServedTextEncoder
 
 TOKEN = "tok-S3CRET-7f1e9a"
 WIDTH = 3 * tiny.TINY.text_hidden_size  # the tiny Mistral's conditioning width (96)
@@ -857,3 +859,17 @@ def test_remote_node_in_real_comfyui_keeps_the_token_out_of_outputs(token_in_env
     assert TOKEN not in json.dumps(entry) and TOKEN not in log_path.read_text()
     cached = list((base / "user" / "flux2-accel" / "embeddings").glob("*.safetensors"))
     assert len(cached) == 1 and TOKEN.encode() not in cached[0].read_bytes()
+
+
+def test_a_serve_text_encoder_on_the_remote_endpoint_sends_one_request_per_batch(text_encoder, our_server,
+                                                                                monkeypatch):
+    # `flux2-accel serve` with [text_encoders.X] endpoint_url: the shared TextEncoder deployment asks our server.
+    monkeypatch.setenv("FLUX2_ACCEL_REMOTE_TOKEN", TOKEN)
+    monkeypatch.setenv("FLUX2_ACCEL_REMOTE_HOSTS", "127.0.0.1")
+    served = ServedTextEncoder(TextEncoderConfig("remote", endpoint_url=our_server.url))
+    rows = served.encode_batch(["a red dog", "a cat", "a red dog"])
+    assert our_server.app[STATS_KEY]["requests"] == 1
+    assert torch.equal(torch.stack(rows[:2]), text_encoder.encode(["a red dog", "a cat"]).prompt_embeds)
+    assert torch.equal(rows[0], rows[2])
+    served.encode_batch(["a cat"])  # cached: no second request
+    assert our_server.app[STATS_KEY]["requests"] == 1 and served.family == "mistral"

@@ -21,6 +21,7 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
@@ -171,6 +172,8 @@ def png(data_b64: str) -> Image.Image:
     ('[text_encoders.te]\nendpoint_url = "ftp://x"\n[models.a]\ndemo = true\ntext_encoder = "te"\n',
      "text_encoders.te.endpoint_url"),
     ("[server]\n", "no [models.NAME] table"),
+    ('[text_encoders.te]\ndemo = true\n[models.a]\ndemo = true\ntext_encoder = "te"\ngpus_per_replica = 2\n',
+     "models.a.gpus_per_replica"),
 ])
 def test_bad_config_is_refused_naming_the_key(tmp_path, text, key):
     path = tmp_path / "bad.toml"
@@ -209,6 +212,40 @@ def test_demo_flag_serves_the_tiny_model_on_loopback_8000():
     assert (config.server.host, config.server.port) == ("127.0.0.1", 8000)
     assert list(config.models) == [serve_config.DEMO_MODEL]
     assert config.models[serve_config.DEMO_MODEL].replica.replicas == 2 and config.models["flux2-demo"].demo
+
+
+def test_the_config_sets_each_deployment_replicas_queue_and_resources(tmp_path):
+    (tmp_path / "t.safetensors").write_bytes(b"x")
+    (tmp_path / "serve.toml").write_text(
+        '[text_encoders.te]\ndemo = true\nnum_gpus = 0.5\nreplicas = 2\nmax_batch_size = 12\n'
+        '[models.auto]\ntransformer = "t.safetensors"\nvae = "t.safetensors"\ntext_encoder = "te"\n'
+        'replicas = { min = 1, max = 4, target_ongoing_requests = 2, max_queued_requests = 9 }\n'
+        '[models.group]\ntransformer = "t.safetensors"\nvae = "t.safetensors"\ntext_encoder = "te"\n'
+        'gpus_per_replica = 4\nparallel = "cfg"\nreplicas = 3\nloras = [{ file = "t.safetensors", strength = 0.5 }]\n')
+    config = serve_config.load_config(tmp_path / "serve.toml")
+    auto = serve_config.generator_options(config.models["auto"], config.server)
+    assert auto["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 2.0}
+    assert "num_replicas" not in auto and auto["max_queued_requests"] == 9 and auto["max_ongoing_requests"] == 1
+    assert auto["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 1.0} and auto["name"] == "Generator:auto"
+    group = config.models["group"]
+    options = serve_config.generator_options(group, config.server)
+    assert options["num_replicas"] == 3 and options["ray_actor_options"]["num_gpus"] == 0  # its ranks hold the GPUs
+    assert (group.parallel_settings.gpus, group.parallel_settings.mode) == (4, "cfg")
+    assert group.loras == ((str((tmp_path / "t.safetensors").resolve()), 0.5),)
+    encoder = serve_config.text_encoder_options(config.text_encoders["te"])
+    assert encoder["num_replicas"] == 2 and encoder["ray_actor_options"]["num_gpus"] == 0.5
+    assert encoder["max_ongoing_requests"] >= 12
+
+
+def test_the_example_config_is_valid(tmp_path):
+    example = Path(__file__).resolve().parents[1] / "examples" / "serve.toml"
+    text = example.read_text()
+    for name in ("flux2-dev-fp8.safetensors", "flux2-vae.safetensors", "mistral_3_small_flux2_fp8.safetensors",
+                 "flux-2-klein-4b.safetensors", "qwen_3_4b.safetensors"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "serve.toml").write_text(text.replace("/models/", str(tmp_path) + "/"))
+    config = serve_config.load_config(tmp_path / "serve.toml")
+    assert sorted(config.models) == ["flux2-dev", "flux2-klein-4b"]
 
 
 # --- the work the replicas do, in one process ----------------------------------------------------------------------

@@ -156,6 +156,29 @@ def text_encoder_name(encoder: str) -> str:
     return f"TextEncoder:{encoder}"
 
 
+def text_encoder_options(encoder: TextEncoderConfig) -> dict:
+    """Serve's deployment options for a text encoder: its replicas and resources, and room for the requests Serve
+    gathers into batches."""
+    return {"name": text_encoder_name(encoder.name), "num_replicas": encoder.replicas,
+            "ray_actor_options": {"num_cpus": encoder.num_cpus, "num_gpus": encoder.num_gpus},
+            "max_ongoing_requests": max(16, encoder.max_batch_size * 2)}
+
+
+def generator_options(model: ModelConfig, server: ServerConfig) -> dict:
+    """Serve's deployment options for a model's Generator: fixed replicas or autoscaling on ongoing requests, the
+    bound on running and queued requests, its resources. A replica of 2+ GPUs drives the multi-GPU actor group,
+    whose ranks hold the GPUs themselves: the replica reserves none."""
+    replica = model.replica
+    scaling = ({"autoscaling_config": {"min_replicas": replica.min_replicas, "max_replicas": replica.max_replicas,
+                                       "target_ongoing_requests": replica.target_ongoing_requests}}
+               if replica.autoscaling else {"num_replicas": replica.replicas})
+    gpus = model.gpus_per_replica if model.gpus_per_replica <= 1 else 0
+    return {"name": generator_name(model.name), "max_ongoing_requests": replica.max_ongoing_requests,
+            "max_queued_requests": replica.max_queued_requests,
+            "graceful_shutdown_timeout_s": server.graceful_shutdown_timeout_s,
+            "ray_actor_options": {"num_cpus": model.num_cpus, "num_gpus": gpus}, **scaling}
+
+
 # --- reading ---------------------------------------------------------------------------------------------------
 
 def load_config(path) -> ServeConfig:
@@ -331,6 +354,9 @@ def _model(name: str, t: _Table, encoders: dict) -> ModelConfig:
         for key in ("transformer", "vae"):
             if key in t.data:
                 raise t.error(key, "does not go with demo = true (the demo's weights are built in).")
+        if gpus > 1:
+            raise t.error("gpus_per_replica", f"is {gpus:g}: the demo's weights live in one process, and a parallel "
+                          "group's ranks load theirs from files; give transformer and vae files.")
     return ModelConfig(name, encoder, **values)
 
 

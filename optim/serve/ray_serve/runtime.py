@@ -50,6 +50,7 @@ class ServedTextEncoder:
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._lock = threading.Lock()
         self.counts = {"prompts": 0, "batches": 0, "encoded": 0, "cache_hits": 0}
+        self.family: str | None = getattr(self.encoder, "family", None)  # "mistral" ([dev]) or "qwen3" ([klein])
 
     def encode_batch(self, prompts: list[str]) -> list[torch.Tensor]:
         """One [L, D] embedding (CPU) per prompt, in order; the prompts not cached are encoded in one forward."""
@@ -61,7 +62,11 @@ class ServedTextEncoder:
             self.counts["prompts"] += len(prompts)
             self.counts["batches"] += 1
             self.counts["cache_hits"] += sum(1 for p in prompts if p in cached)
-        encoded = dict(zip(missing, self.encoder.encode(missing).prompt_embeds.detach().cpu())) if missing else {}
+        encoded = {}
+        if missing:
+            result = self.encoder.encode(missing)
+            self.family = result.family  # a remote endpoint's family is known from its first reply
+            encoded = dict(zip(missing, result.prompt_embeds.detach().cpu()))
         with self._lock:
             self.counts["encoded"] += len(missing)
             if self.config.cache_entries:
@@ -69,10 +74,6 @@ class ServedTextEncoder:
                 while len(self._cache) > self.config.cache_entries:
                     self._cache.popitem(last=False)
         return [encoded[p] if p in encoded else cached[p] for p in prompts]
-
-    @property
-    def family(self) -> str:
-        return getattr(self.encoder, "family", "mistral")
 
 
 class ServedModel:

@@ -31,10 +31,9 @@ class TextEncoder:
 
     @serve.batch
     async def encode(self, prompts: list[str]) -> list:
-        return await asyncio.to_thread(self.served.encode_batch, prompts)
-
-    def family(self) -> str:
-        return self.served.family
+        """(embedding [L, D], family) per prompt."""
+        rows = await asyncio.to_thread(self.served.encode_batch, prompts)
+        return [(row, self.served.family) for row in rows]
 
     def stats(self) -> dict:
         return dict(self.served.counts)
@@ -45,7 +44,7 @@ class TextEncoder:
 @serve.deployment
 class Generator:
     def __init__(self, config: ModelConfig, text_encoder):
-        self.name, self.text_encoder, self.family = config.name, text_encoder, None
+        self.name, self.text_encoder = config.name, text_encoder
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.served, self.error = None, None
         try:
@@ -59,11 +58,9 @@ class Generator:
             raise RuntimeError(self.error)
 
     async def _conditionings(self, job: GenerationJob):
-        if self.family is None:
-            self.family = await self.text_encoder.family.remote()
         prompts = [job.prompt] + ([job.negative_prompt] if job.negative_prompt is not None else [])
-        rows = await asyncio.gather(*(self.text_encoder.encode.remote(p) for p in prompts))
-        embeds = [conditioning(row, self.family) for row in rows]
+        encoded = await asyncio.gather(*(self.text_encoder.encode.remote(p) for p in prompts))
+        embeds = [conditioning(row, family) for row, family in encoded]
         return embeds[0], (embeds[1] if len(embeds) > 1 else None)
 
     def _result(self, result: GenerationResult) -> GenerationResult:
