@@ -347,6 +347,18 @@ def test_two_replicas_serve_eight_concurrent_requests_without_reloading(server):
     assert all(len(counts) == 1 for counts in loads.values())  # no replica loaded a model for a request
 
 
+def test_bench_serve_drives_the_server_and_counts_the_text_encoder_calls(server):
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_serve.py"
+    run = subprocess.run([sys.executable, str(script), "--url", server.url, "--model", "flux2-demo", "--key-env",
+                          KEY_ENV, "--requests", "6", "--concurrency", "3", "--size", "64", "--steps", "4", "--json"],
+                         capture_output=True, text=True, timeout=120, env={**os.environ, KEY_ENV: KEY})
+    assert run.returncode == 0, run.stderr[-2000:]
+    (result,) = json.loads(run.stdout).values()
+    assert result["completed"] == 6 and result["statuses"] == {"200": 6}
+    assert result["encoder_prompts"] == 6 and 1 <= result["encoder_calls"] <= 6  # distinct prompts: no cache hit
+    assert 0 < result["p50_s"] <= result["p95_s"] and result["rps"] > 0
+
+
 def test_a_full_queue_answers_429_with_retry_after(server):
     def one(i):
         return server.post_json("/v1/images/generations", {"model": "queue", "prompt": f"p {i}", "size": "512x512",
