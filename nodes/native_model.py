@@ -25,11 +25,14 @@ import contextlib
 import logging
 import weakref
 
+import torch
+
 from ..optim.errors import Flux2AccelError, InputError
 from ..optim.features.api import RunReport
 from ..optim.models.checkpoint import return_free_heap
 from ..optim.models.layouts import transformer_bfl_shapes
 from ..optim.native.forward import NativeFlux2
+from ..optim.parallel import group
 from ..optim.run.sampling import SamplingParams
 from ..optim.run.store import STORE
 from . import comfy_services
@@ -42,6 +45,7 @@ PATCH_REFUSAL = ("A flux2-accel model takes no weight patches (ComfyUI's LoRA lo
 
 _HEAP_RETURNED = weakref.WeakSet()  # transformers whose collection hands the freed heap back to the OS
 _MANAGED: dict = {}  # base key -> patcher, for transformers the pack's own sampler runs (see `load_for_sampling`)
+_GROUP_PATCHER = None  # the placeholder ComfyUI tracks for the Parallel actor groups (see `track_parallel_groups`)
 
 
 def _comfy():
@@ -233,3 +237,35 @@ def managed_by_comfyui(handle) -> tuple:
         yield
 
     return (tracked,)
+
+
+class ParallelGroupPlaceholder(torch.nn.Module):
+    """A weightless model standing for the Parallel actor groups in ComfyUI's list of loaded models: the groups'
+    weights live in their Ray ranks, which ComfyUI cannot see."""
+
+
+def _on_group_detach(patcher, unpatch_all) -> None:
+    if not unpatch_all:  # ComfyUI re-seating the models it loads on every run (see `_on_detach`)
+        return
+    try:
+        log.info("flux2-accel: ComfyUI unloaded the Parallel actor groups; their ranks stop and give their GPUs back")
+        group.release()
+    except Exception:  # never break ComfyUI's own unloading
+        log.exception("flux2-accel: releasing the Parallel actor groups failed")
+
+
+def track_parallel_groups() -> None:
+    """Tell ComfyUI's model management, before a Parallel run, that the pack's actor groups hold memory: a
+    placeholder it loads like its own models, so its unloads (low memory, "Free model and node cache", POST /free)
+    tear the groups down. The next Parallel run starts new ones. Nothing outside ComfyUI."""
+    global _GROUP_PATCHER
+    if not comfy_services.IN_COMFYUI:
+        return
+    comfy = _comfy()
+    if _GROUP_PATCHER is None:
+        mm = comfy.model_management
+        patcher = comfy.model_patcher.ModelPatcher(ParallelGroupPlaceholder(), load_device=mm.get_torch_device(),
+                                                   offload_device=mm.unet_offload_device())
+        patcher.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_DETACH, WRAPPER_KEY, _on_group_detach)
+        _GROUP_PATCHER = patcher
+    comfy.model_management.load_models_gpu([_GROUP_PATCHER])

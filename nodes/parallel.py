@@ -1,7 +1,7 @@
 """Parallel node: one image over several GPUs. Returns a model handle that the pack's sampler runs on an actor group
 of Ray actors, one per GPU (optim/parallel); the input handle is untouched. The group starts at the first sampling
-and stays warm until another gpus/mode asks for a new one, a rank fails, ComfyUI unloads the pack's models, or
-ComfyUI exits."""
+and stays warm until another gpus/mode asks for a new one, a rank fails, ComfyUI unloads models ("Free model and
+node cache", low memory: nodes/native_model.track_parallel_groups), or ComfyUI exits."""
 
 from __future__ import annotations
 

@@ -56,6 +56,8 @@ class Flux2AccelSampler:
                  reference_images=None, negative=None):
         params = SamplingParams(width, height, steps, guidance, seed, batch_size)
         progress = comfy_services.Progress(steps)
+        if model.parallel is not None:
+            native_model.track_parallel_groups()
         try:
             result = group.run(model, vae, conditioning, params, reference_images=reference_images,
                                 negative=negative, device=comfy_services.torch_device(),

@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -407,3 +409,19 @@ def test_feature_workflow_queued_over_http_yields_an_image(comfyui, tiny_models,
         # fp8 weights and bf16 activations: the ranks' shorter matmuls round differently from one device's
         same, other = mean_diff(single, pixels), mean_diff(single, other_seed)
         assert len(single) == len(pixels) and same < 1.0 and other > 10 * max(same, 0.1), (same, other)
+        # "Free model and node cache" (POST /free) tears the group down: its ranks exit
+        assert _rank_processes(), "the group's ranks should be running before /free"
+        request = urllib.request.Request(url + "/free", data=json.dumps({"unload_models": True}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        urllib.request.urlopen(request, timeout=30).close()
+        deadline = time.time() + 60
+        while _rank_processes() and time.time() < deadline:
+            time.sleep(0.5)
+        assert not _rank_processes() and "ComfyUI unloaded the Parallel actor groups" in log_path.read_text()
+        assert _saved_pixels(base, _run(url, log_path, graph), save) == pixels  # a new group, the same image
+
+
+def _rank_processes() -> list[str]:
+    """The Parallel group's Ray actors on this machine (Ray titles an actor's process ray::<class>)."""
+    out = subprocess.run(["pgrep", "-f", "ray::Rank"], capture_output=True, text=True)
+    return out.stdout.split()

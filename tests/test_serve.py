@@ -317,6 +317,12 @@ def test_a_wrong_or_missing_key_is_401(server):
     assert status == 401 and body["error"]["code"] == "invalid_api_key"
 
 
+def test_a_value_the_engine_refuses_is_400_naming_it(server):
+    status, _, body = server.post_json("/v1/images/generations", {"model": "flux2-demo", "prompt": "x",
+                                                                  "negative_prompt": "blurry"})
+    assert status == 400 and body["error"]["message"].startswith("negative_prompt: model 'flux2-demo' is FLUX.2 [dev]")
+
+
 def test_a_model_that_cannot_load_is_listed_unavailable_with_its_reason(server):
     status, listing = server.get_json("/v1/models")
     assert status == 200

@@ -171,7 +171,8 @@ class ApiIngress:
             raise not_ready(f"The replica of model '{model.name}' running this request stopped "
                             f"({type(e).__name__}); Serve restarts it: retry the request.") from None
         except Flux2AccelError as e:  # the pack refused a value (Ray re-raises it as its own type)
-            raise bad_field(None, str(e).splitlines()[-1] if str(e) else type(e).__name__) from None
+            cause = getattr(e, "cause", e)  # the pack's own error, without Ray's traceback around it
+            raise bad_field(None, str(cause) or type(cause).__name__) from None
         except ray.exceptions.RayTaskError as e:
             log.error("flux2-accel serve: model %s failed: %s", model.name, e)
             raise OpenAIError(500, f"Generation failed in model '{model.name}': {type(e.cause).__name__}: "

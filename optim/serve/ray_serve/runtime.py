@@ -14,9 +14,11 @@ from typing import Callable
 
 import torch
 
+from ...errors import InputError
 from ...features.lora import LoraSpec
 from ...handle import ModelHandle, TextEncoderHandle, VaeHandle
 from ...images import open_image_bytes
+from ...models.arch import family_of
 from ...models.demo import place_demo_components
 from ...models.text_encoding import Flux2Conditioning
 from ...parallel import group
@@ -95,8 +97,9 @@ class ServedModel:
         if config.compile is not None:
             model = model.replace(compile=config.compile)
         self.model = model.replace(parallel=config.parallel_settings)
+        self.family = self.model.family
         if self.model.parallel is None:  # a parallel replica's ranks load the weights themselves
-            self.store.transformer(self.model)
+            self.family = family_of(self.store.transformer(self.model))
             self.store.vae(self.vae)
         self.runs = 0
 
@@ -111,6 +114,9 @@ class ServedModel:
         params = SamplingParams(width=job.width, height=job.height, steps=job.steps, guidance=job.guidance,
                                 seed=job.seed, batch_size=job.n)
         params.validate()
+        if job.negative_prompt is not None and self.family == "dev":
+            raise InputError(f"negative_prompt: model '{self.config.name}' is FLUX.2 [dev], which samples without "
+                             "CFG and so has no use for a negative prompt; leave it out (FLUX.2 [klein] base takes one).")
         references = [open_image_bytes(data, f"reference image {i}") for i, data in enumerate(job.references)]
         wanted = partial_steps(job.steps, job.partial_images) if on_partial is not None else set()
         vae_module = self.store.vae(self.vae) if wanted else None
