@@ -194,6 +194,22 @@ def test_bad_config_from_the_command_line_exits_before_ray(tmp_path):
     assert "Ray" not in run.stderr + run.stdout and time.monotonic() - started < 30
 
 
+def test_a_port_already_in_use_is_refused_before_ray_starts():
+    # Ray's proxy would retry binding forever and serve.start() would never return.
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        started = time.monotonic()
+        run = subprocess.run([sys.executable, "-m", "flux2_accel.optim.cli.main", "serve", "--demo", "--port",
+                              str(port)], capture_output=True, text=True, timeout=60,
+                             env={**os.environ, "RAY_ADDRESS": ""})
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.startswith(f"error: 127.0.0.1:{port} is not free to serve on") and "--port" in run.stderr
+    assert "Traceback" not in run.stderr and "Started a local Ray" not in run.stderr + run.stdout
+    assert time.monotonic() - started < 30
+
+
 def test_beyond_loopback_needs_a_key_or_the_explicit_flag(monkeypatch):
     monkeypatch.delenv(serve_config.DEFAULT_API_KEY_ENV, raising=False)
     config = serve_config.demo_config(host="0.0.0.0")

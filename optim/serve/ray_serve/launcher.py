@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
+import socket
 import time
 from dataclasses import dataclass
 
@@ -59,6 +61,8 @@ def deploy(config: ServeConfig, *, address: str | None = None, num_cpus: int | N
     port on the first deployment in a cluster; later ones share it under their own route_prefix."""
     config.check_security()
     serve, app_module = require_serve()
+    if not (address or os.environ.get("RAY_ADDRESS")):
+        check_port_free(config.server.host, config.server.port)
     group.ray_started(num_cpus=num_cpus, address=address, log_to_driver=log_to_driver)
     from ray.serve.config import HTTPOptions  # noqa: PLC0415
 
@@ -73,6 +77,24 @@ def deploy(config: ServeConfig, *, address: str | None = None, num_cpus: int | N
     models = wait_until_settled(config, app_name, timeout_s)
     prefix = route_prefix.rstrip("/")
     return Deployed(f"http://{config.server.host}:{config.server.port}{prefix}", app_name, models)
+
+
+def check_port_free(host: str, port: int) -> None:
+    """ServeError when something on this machine already listens on host:port. A local Ray's Serve proxy would
+    bind it, and when it cannot, Ray retries forever and serve.start() never returns; so check before Ray starts.
+    (On a cluster the proxy binds on the head node, which this process cannot probe.)"""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        raise ServeError(f"server.host {host!r} does not resolve ({e.strerror}): give an address of this machine, "
+                         "such as 127.0.0.1") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the proxy's uvicorn binds: TIME_WAIT is free
+        try:
+            probe.bind(address)
+        except OSError as e:
+            raise ServeError(f"{host}:{port} is not free to serve on ({e.strerror}): stop what listens there, or "
+                             "choose another port with --port or the config's server.port") from None
 
 
 def wait_until_settled(config: ServeConfig, app_name: str, timeout_s: float) -> dict:
