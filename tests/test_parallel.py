@@ -32,13 +32,15 @@ from flux2_accel.optim.parallel import group
 from flux2_accel.optim.run import engine
 from flux2_accel.optim.run.sampling import SamplingParams
 from flux2_accel.optim.run.store import ModelStore
-from flux2_accel.optim.serve.ray_serve.config import ModelConfig
+from flux2_accel.optim.serve.ray_serve.config import ModelConfig, ServerConfig, generator_options
 from flux2_accel.optim.serve.ray_serve.jobs import GenerationJob
 from flux2_accel.optim.serve.ray_serve.runtime import ServedModel
 from PIL import Image
 from safetensors.torch import save_file
 
 ray = pytest.importorskip("ray")
+placement = pytest.importorskip("ray.util.placement_group")
+scheduling = pytest.importorskip("ray.util.scheduling_strategies")
 
 
 @pytest.fixture(scope="module")
@@ -368,6 +370,37 @@ def test_importing_the_pack_leaves_ray_unimported():
             "assert 'ray' not in sys.modules, 'ray imported'; assert g.ray_installed(); print('ok')")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_a_serve_replica_placement_group_holds_its_ranks(ray_cluster):
+    # Serve schedules a multi-GPU replica in the placement group of generator_options and captures the replica's
+    # child actors in it (deployment_scheduler: placement_group_capture_child_tasks). Do the same here: the ranks
+    # the replica starts must fit the bundles and take nothing from the rest of the cluster.
+    group.release()
+    model = ModelConfig("m", "te", gpus_per_replica=2, num_cpus=0, transformer="t", vae="v")
+    options = generator_options(model, ServerConfig(), on_gpu=group.cluster_has_gpus())
+    pg = placement.placement_group(options["placement_group_bundles"], strategy=options["placement_group_strategy"])
+    ray.get(pg.ready(), timeout=60)
+    free_beside_the_group = ray.available_resources().get("CPU", 0)
+
+    @ray.remote
+    class Replica:
+        def form_group(self):
+            ranks = group.Group(2)
+            try:
+                return sorted(ranks.pids), ray.available_resources().get("CPU", 0)
+            finally:
+                ranks.shutdown()
+
+    replica = Replica.options(**options["ray_actor_options"], scheduling_strategy=scheduling.PlacementGroupSchedulingStrategy(
+        pg, placement_group_bundle_index=0, placement_group_capture_child_tasks=True)).remote()
+    try:
+        pids, free_while_formed = ray.get(replica.form_group.remote(), timeout=120)
+    finally:
+        ray.kill(replica)
+        placement.remove_placement_group(pg)
+    assert len(set(pids)) == 2
+    assert free_beside_the_group == 2 and free_while_formed == free_beside_the_group
 
 
 def test_a_serve_replica_of_two_gpus_runs_the_group_and_matches_one_process(ray_cluster, tiny_models):

@@ -246,6 +246,12 @@ def test_the_config_sets_each_deployment_replicas_queue_and_resources(tmp_path):
     group = config.models["group"]
     options = serve_config.generator_options(group, config.server)
     assert options["num_replicas"] == 3 and options["ray_actor_options"]["num_gpus"] == 0  # its ranks hold the GPUs
+    # One placement group per replica on one machine: the replica (1 CPU) with rank 0, then a GPU per rank.
+    assert options["placement_group_strategy"] == "STRICT_PACK"
+    assert options["placement_group_bundles"] == [{"GPU": 1.0, "CPU": 1.0}] + [{"GPU": 1.0}] * 3
+    on_cpus = serve_config.generator_options(group, config.server, on_gpu=False)["placement_group_bundles"]
+    assert on_cpus == [{"CPU": 2.0}] + [{"CPU": 1.0}] * 3
+    assert "placement_group_bundles" not in auto
     assert (group.parallel_settings.gpus, group.parallel_settings.mode) == (4, "cfg")
     assert group.loras == ((str((tmp_path / "t.safetensors").resolve()), 0.5),)
     encoder = serve_config.text_encoder_options(config.text_encoders["te"])

@@ -33,3 +33,9 @@ class ParallelSettings:
         if self.mode == "cfg" and self.gpus % 2:
             raise InputError(f"parallel mode 'cfg' runs the two CFG branches on two halves of the GPUs: gpus is "
                              f"{self.gpus}, choose an even number (or mode 'auto').")
+
+
+def rank_resources(on_gpu: bool) -> dict[str, float]:
+    """What one rank of the actor group reserves on Ray: a GPU, or, in a cluster without GPUs, one CPU (gloo).
+    The group's actors and a Serve replica's placement group (which must hold them) both take it from here."""
+    return {"GPU": 1.0} if on_gpu else {"CPU": 1.0}

@@ -35,7 +35,7 @@ import torch
 from ..errors import Flux2AccelError, Interrupted, ParallelError
 from ..features.caching.decision import TIMELINE_KEY
 from ..features.context_parallel import cfg_split, cfg_splittable, resolve_layout, sequence_tokens_check
-from ..features.parallel_settings import ParallelSettings
+from ..features.parallel_settings import ParallelSettings, rank_resources
 from ..models.arch import family_of
 from ..models.text_encoding import Flux2Conditioning
 from ..run import engine
@@ -110,6 +110,11 @@ def ray_started(num_cpus: int | None = None, address: str | None = None, log_to_
     else:
         ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", runtime_env=runtime_env,
                  log_to_driver=log_to_driver, num_cpus=num_cpus)
+
+
+def cluster_has_gpus() -> bool:
+    """Whether the ranks run on GPUs (NCCL) or, in a cluster without any, on CPUs (gloo)."""
+    return ray.cluster_resources().get("GPU", 0) > 0
 
 
 @dataclass
@@ -241,13 +246,14 @@ class Group:
 
     def __init__(self, gpus: int):
         ray_started()
-        on_gpu = ray.cluster_resources().get("GPU", 0) > 0
+        on_gpu = cluster_has_gpus()
         available = ray.cluster_resources().get("GPU" if on_gpu else "CPU", 0)
         if available < gpus:
             kind = "GPUs" if on_gpu else "CPUs (no GPU in this Ray cluster)"
             raise ParallelError(f"parallel gpus is {gpus}, and this Ray cluster has {available:g} {kind}: lower "
                                 "gpus, or add machines to the cluster (RAY_ADDRESS).")
-        actor = ray.remote(num_gpus=1 if on_gpu else 0, num_cpus=0 if on_gpu else 1, max_concurrency=4)(Rank)
+        shape = rank_resources(on_gpu)
+        actor = ray.remote(num_gpus=shape.get("GPU", 0), num_cpus=shape.get("CPU", 0), max_concurrency=4)(Rank)
         self.gpus = gpus
         self.ranks = [actor.remote(r, gpus) for r in range(gpus)]
         try:

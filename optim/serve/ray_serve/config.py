@@ -22,7 +22,7 @@ from pathlib import Path
 from ...errors import InputError
 from ...features.caching import DEFAULT_THRESHOLDS, METHODS, CacheSettings, cache_settings
 from ...features.compile_settings import CompileSettings, compile_settings
-from ...features.parallel_settings import ParallelSettings
+from ...features.parallel_settings import ParallelSettings, rank_resources
 from ...options import (ATTENTION_BACKENDS, MAX_GUIDANCE, MAX_PARALLEL_GPUS, MAX_RESOLUTION, MAX_STEPS,
                         PARALLEL_MODES, SIZE_MULTIPLE, TEXT_ENCODER_PRECISIONS, TRANSFORMER_PRECISIONS)
 from ..openai_api import DEFAULT_MAX_N, MAX_BODY_BYTES, is_loopback
@@ -164,19 +164,30 @@ def text_encoder_options(encoder: TextEncoderConfig) -> dict:
             "max_ongoing_requests": max(16, encoder.max_batch_size * 2)}
 
 
-def generator_options(model: ModelConfig, server: ServerConfig) -> dict:
+def generator_options(model: ModelConfig, server: ServerConfig, on_gpu: bool = True) -> dict:
     """Serve's deployment options for a model's Generator: fixed replicas or autoscaling on ongoing requests, the
-    bound on running and queued requests, its resources. A replica of 2+ GPUs drives the multi-GPU actor group,
-    whose ranks hold the GPUs themselves: the replica reserves none."""
+    bound on running and queued requests, its resources.
+
+    A replica of 2+ GPUs drives the multi-GPU actor group, whose ranks hold the GPUs themselves (on_gpu: the cluster
+    has GPUs; without, each rank is a CPU). Serve reserves them with the replica as one placement group, packed on
+    one machine, so that a replica starts only where all its ranks fit, and its ranks (Ray places a replica's
+    child actors in its group) talk over that machine's links. The replica shares rank 0's bundle."""
     replica = model.replica
     scaling = ({"autoscaling_config": {"min_replicas": replica.min_replicas, "max_replicas": replica.max_replicas,
                                        "target_ongoing_requests": replica.target_ongoing_requests}}
                if replica.autoscaling else {"num_replicas": replica.replicas})
-    gpus = model.gpus_per_replica if model.gpus_per_replica <= 1 else 0
-    return {"name": generator_name(model.name), "max_ongoing_requests": replica.max_ongoing_requests,
-            "max_queued_requests": replica.max_queued_requests,
-            "graceful_shutdown_timeout_s": server.graceful_shutdown_timeout_s,
-            "ray_actor_options": {"num_cpus": model.num_cpus, "num_gpus": gpus}, **scaling}
+    parallel = model.gpus_per_replica > 1
+    options = {"name": generator_name(model.name), "max_ongoing_requests": replica.max_ongoing_requests,
+               "max_queued_requests": replica.max_queued_requests,
+               "graceful_shutdown_timeout_s": server.graceful_shutdown_timeout_s,
+               "ray_actor_options": {"num_cpus": model.num_cpus, "num_gpus": 0 if parallel else model.gpus_per_replica},
+               **scaling}
+    if parallel:
+        bundles = [dict(rank_resources(on_gpu)) for _ in range(int(model.gpus_per_replica))]
+        bundles[0]["CPU"] = bundles[0].get("CPU", 0.0) + model.num_cpus
+        options["placement_group_bundles"] = [{k: v for k, v in bundle.items() if v} for bundle in bundles]
+        options["placement_group_strategy"] = "STRICT_PACK"
+    return options
 
 
 # --- reading ---------------------------------------------------------------------------------------------------

@@ -69,7 +69,7 @@ def deploy(config: ServeConfig, *, address: str | None = None, num_cpus: int | N
     key = config.server.api_key()
     try:
         serve.start(http_options=HTTPOptions(host=config.server.host, port=config.server.port))
-        app = app_module.build_app(config, key_digest(key) if key else None)
+        app = app_module.build_app(config, key_digest(key) if key else None, group.cluster_has_gpus())
         serve.run_many([serve.RunTarget(app, name=app_name, route_prefix=route_prefix)],
                        wait_for_applications_running=False)
     except Exception as e:
