@@ -372,46 +372,46 @@ def test_importing_the_pack_leaves_ray_unimported():
     assert done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
-def test_a_serve_replica_placement_group_holds_its_ranks(ray_cluster):
-    # Serve schedules a multi-GPU replica in the placement group of generator_options and captures the replica's
-    # child actors in it (deployment_scheduler: placement_group_capture_child_tasks). Do the same here: the ranks
-    # the replica starts must fit the bundles and take nothing from the rest of the cluster.
+def test_a_serve_replica_of_two_gpus_runs_its_group_in_its_placement_group_and_matches_one_process(
+        ray_cluster, tiny_models):
+    # `flux2-accel serve` with gpus_per_replica = 2: the Generator replica drives the actor group (CPU ranks here),
+    # whose ranks fit the replica's placement group and take nothing beside it.
     group.release()
-    model = ModelConfig("m", "te", gpus_per_replica=2, num_cpus=0, transformer="t", vae="v")
-    options = generator_options(model, ServerConfig(), on_gpu=group.cluster_has_gpus())
+
+    @ray.remote
+    class ServeReplica:
+        """A Generator replica as Serve runs one: ServedModel in an actor of its own, scheduled in the replica's
+        placement group, which captures the actors it starts (Serve's deployment_scheduler does the same).
+        Defined here so that Ray ships the class by value to its worker."""
+
+        def __init__(self, config: ModelConfig):
+            self.model = ServedModel(config)
+
+        def generate(self, job: GenerationJob, cond):
+            image = self.model.generate(job, cond, None).images[0]
+            return image, ray.available_resources().get("CPU", 0)  # while its group's ranks are alive
+
+    files = dict(transformer=str(tiny_models.files["dev_diffusers_file"]),
+                 vae=str(tiny_models.files["vae_diffusers_file"]))
+    parallel_config = ModelConfig("m", "te", gpus_per_replica=2, parallel="ulysses", num_cpus=0, **files)
+    options = generator_options(parallel_config, ServerConfig(), on_gpu=group.cluster_has_gpus())
     pg = placement.placement_group(options["placement_group_bundles"], strategy=options["placement_group_strategy"])
     ray.get(pg.ready(), timeout=60)
     free_beside_the_group = ray.available_resources().get("CPU", 0)
-
-    @ray.remote
-    class Replica:
-        def form_group(self):
-            ranks = group.Group(2)
-            try:
-                return sorted(ranks.pids), ray.available_resources().get("CPU", 0)
-            finally:
-                ranks.shutdown()
-
-    replica = Replica.options(**options["ray_actor_options"], scheduling_strategy=scheduling.PlacementGroupSchedulingStrategy(
-        pg, placement_group_bundle_index=0, placement_group_capture_child_tasks=True)).remote()
-    try:
-        pids, free_while_formed = ray.get(replica.form_group.remote(), timeout=120)
-    finally:
-        ray.kill(replica)
-        placement.remove_placement_group(pg)
-    assert len(set(pids)) == 2
-    assert free_beside_the_group == 2 and free_while_formed == free_beside_the_group
-
-
-def test_a_serve_replica_of_two_gpus_runs_the_group_and_matches_one_process(ray_cluster, tiny_models):
-    # `flux2-accel serve` with gpus_per_replica = 2: the Generator replica drives the actor group (CPU ranks here).
-    files = dict(transformer=str(tiny_models.files["dev_diffusers_file"]),
-                 vae=str(tiny_models.files["vae_diffusers_file"]))
-    single = ServedModel(ModelConfig("m", "te", gpus_per_replica=0, **files))
-    parallel = ServedModel(ModelConfig("m", "te", gpus_per_replica=2, parallel="ulysses", **files))
-    assert parallel.model.parallel.gpus == 2 and single.model.parallel is None
+    replica = ServeReplica.options(**options["ray_actor_options"],
+                                   scheduling_strategy=scheduling.PlacementGroupSchedulingStrategy(
+                                       pg, placement_group_bundle_index=0, placement_group_capture_child_tasks=True),
+                                   ).remote(parallel_config)
     job = GenerationJob("p", 64, 64, 4, 4.0, seed=3)
     cond = conditioning(tiny_models.dev.transformer.config.joint_attention_dim)
-    a, b = (np.asarray(Image.open(io.BytesIO(m.generate(job, cond, None).images[0])), dtype=np.int16)
-            for m in (single, parallel))
+    try:
+        served, free_while_running = ray.get(replica.generate.remote(job, cond), timeout=180)
+    finally:
+        ray.kill(replica)  # its ranks go with it: it owns them
+        placement.remove_placement_group(pg)
+    assert free_beside_the_group == 2 and free_while_running == free_beside_the_group
+    single = ServedModel(ModelConfig("m", "te", gpus_per_replica=0, **files))
+    assert single.model.parallel is None
+    a, b = (np.asarray(Image.open(io.BytesIO(png)), dtype=np.int16)
+            for png in (single.generate(job, cond, None).images[0], served))
     assert a.shape == (64, 64, 3) and np.abs(a - b).max() <= 2
