@@ -61,7 +61,9 @@ def deploy(config: ServeConfig, *, address: str | None = None, num_cpus: int | N
     port on the first deployment in a cluster; later ones share it under their own route_prefix."""
     config.check_security()
     serve, app_module = require_serve()
-    if not (address or os.environ.get("RAY_ADDRESS")):
+    if not (address or os.environ.get("RAY_ADDRESS") or group.require_ray().is_initialized()):
+        # This process starts the local Ray, so nothing of Serve's holds the port yet. (In a process that has
+        # deployed before, Serve's proxy still holds it, and the new app shares it.)
         check_port_free(config.server.host, config.server.port)
     group.ray_started(num_cpus=num_cpus, address=address, log_to_driver=log_to_driver)
     from ray.serve.config import HTTPOptions  # noqa: PLC0415
