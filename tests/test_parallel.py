@@ -267,12 +267,16 @@ def test_bad_layouts_are_refused_with_their_numbers(ray_cluster, dev):
     with pytest.raises(ParallelError, match="magcache"):
         group.run(model.with_step_cache(CacheSettings(method="magcache", threshold=0.06))
                   .replace(parallel=ParallelSettings(2)), vae, cond, PARAMS)
-    with pytest.raises(ParallelError, match="parallel gpus is 6, and this Ray cluster has 4 CPUs"):
-        group.run(model.replace(parallel=ParallelSettings(6)), vae, cond, PARAMS)
     # An odd image token count on 2 ranks: refused on every rank before any collective, the group stays usable.
     with pytest.raises(InputError, match="48x48 image has 9 tokens"):
         group.run(model.replace(parallel=ParallelSettings(2)), vae, cond, SamplingParams(48, 48, 2, 4.0, 0, 1))
+    warm = group.group_for((ParallelSettings(2), False))
+    # More ranks than the cluster holds: refused, and the warm group is neither torn down nor replaced.
+    with pytest.raises(ParallelError, match="parallel gpus is 6, and this Ray cluster has 4 CPUs"):
+        group.run(model.replace(parallel=ParallelSettings(6)), vae, cond, PARAMS)
+    assert group.group_for((ParallelSettings(2), False)) is warm and len(warm.ranks) == 2
     assert group.run(model.replace(parallel=ParallelSettings(2)), vae, cond, PARAMS).latent.isfinite().all()
+    assert group.group_for((ParallelSettings(2), False)) is warm
 
 
 def model_config(heads: int):

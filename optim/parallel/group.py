@@ -117,6 +117,17 @@ def cluster_has_gpus() -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
+def check_capacity(gpus: int) -> None:
+    """ParallelError when this Ray cluster has fewer GPUs (or, without any, CPUs) than `gpus` ranks need."""
+    ray_started()
+    on_gpu = cluster_has_gpus()
+    available = ray.cluster_resources().get("GPU" if on_gpu else "CPU", 0)
+    if available < gpus:
+        kind = "GPUs" if on_gpu else "CPUs (no GPU in this Ray cluster)"
+        raise ParallelError(f"parallel gpus is {gpus}, and this Ray cluster has {available:g} {kind}: lower "
+                            "gpus, or add machines to the cluster (RAY_ADDRESS).")
+
+
 @dataclass
 class Job:
     """One run, as every rank receives it (the embeddings are computed once, by the caller)."""
@@ -245,14 +256,8 @@ class Group:
     """`gpus` Rank actors joined into one process group."""
 
     def __init__(self, gpus: int):
-        ray_started()
-        on_gpu = cluster_has_gpus()
-        available = ray.cluster_resources().get("GPU" if on_gpu else "CPU", 0)
-        if available < gpus:
-            kind = "GPUs" if on_gpu else "CPUs (no GPU in this Ray cluster)"
-            raise ParallelError(f"parallel gpus is {gpus}, and this Ray cluster has {available:g} {kind}: lower "
-                                "gpus, or add machines to the cluster (RAY_ADDRESS).")
-        shape = rank_resources(on_gpu)
+        check_capacity(gpus)
+        shape = rank_resources(cluster_has_gpus())
         actor = ray.remote(num_gpus=shape.get("GPU", 0), num_cpus=shape.get("CPU", 0), max_concurrency=4)(Rank)
         self.gpus = gpus
         self.ranks = [actor.remote(r, gpus) for r in range(gpus)]
@@ -339,6 +344,7 @@ def group_for(key: GroupKey) -> Group:
     with _groups_lock:
         group = _groups.get(key)
         if group is None:
+            check_capacity(key[0].gpus)  # a run the cluster cannot take leaves the warm group as it is
             release()
             group = _groups[key] = Group(key[0].gpus)
         return group
