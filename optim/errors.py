@@ -23,3 +23,7 @@ class NonFiniteError(Flux2AccelError):
 
 class ParallelError(Flux2AccelError):
     """A multi-GPU run could not start or its actor group failed (Ray missing, an actor died, too few GPUs)."""
+
+
+class ServeError(Flux2AccelError):
+    """The serve app could not start: Ray Serve missing, the port taken, the ingress failing."""

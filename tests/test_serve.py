@@ -27,13 +27,15 @@ import pytest
 import torch
 from flux2_accel.optim.cli import args as cli_args
 from flux2_accel.optim.cli.main import build_parser
+from flux2_accel.optim.cli.main import main as cli_main
 from flux2_accel.optim.serve.ray_serve import config as serve_config
-from flux2_accel.optim.serve.ray_serve import launcher
+from flux2_accel.optim.serve.ray_serve import install as serve_install
 from flux2_accel.optim.serve.ray_serve.jobs import GenerationJob, partial_steps
 from flux2_accel.optim.serve.ray_serve.runtime import ServedModel, ServedTextEncoder, conditioning
 from PIL import Image
 
 pytest.importorskip("ray.serve")
+from flux2_accel.optim.serve.ray_serve import launcher  # noqa: E402  (imports Ray Serve)
 openai = pytest.importorskip("openai")
 
 KEY = "test-key-0123456789"
@@ -225,6 +227,12 @@ def test_a_port_already_in_use_is_refused_before_ray_starts(monkeypatch):
         with pytest.raises(RayStarted):
             launcher.deploy(serve_config.demo_config(port=port), address="127.0.0.1:6379")
     launcher.check_port_free("127.0.0.1", port)  # free again once its holder closes
+
+
+def test_without_ray_serve_the_command_gives_the_install_hint(monkeypatch, capsys):
+    monkeypatch.setattr(serve_install, "REQUIRED_MODULES", ("ray.serve", "flux2_accel_no_such_module.sub"))
+    assert cli_main(["serve", "--demo"]) == 2
+    assert capsys.readouterr().err == f"error: {serve_install.INSTALL_HINT}\n"
 
 
 def test_beyond_loopback_needs_a_key_or_the_explicit_flag(monkeypatch):

@@ -339,10 +339,12 @@ def add_serve_app_arguments(p) -> None:
 def check_serve_app(args) -> None:
     """Read and check the configuration before Ray starts (a bad one is refused naming the key)."""
     from ..serve.ray_serve import config as serve_config  # noqa: PLC0415  (loads torch: after --help)
+    from ..serve.ray_serve import install as serve_install  # noqa: PLC0415  (beside it)
 
     config = (serve_config.demo_config(args.replicas) if args.demo else serve_config.load_config(args.config))
     config = config.with_server(host=args.host, port=args.port, allow_open=args.allow_open or None)
     config.check_security()
+    serve_install.require_serve_installed()
     args.serve_config = config
 
 

@@ -1,49 +1,33 @@
 """Start or join Ray, deploy the serve app, and wait until it answers: what `flux2-accel serve` and the tests run.
 
-Ray Serve and its HTTP stack are imported here, at first use, so that the pack, its CLI's `--help` and a refused
-configuration never load them; without them, the install hint. The deployments live in deployments.py.
+It imports Ray Serve and its HTTP stack, so only `flux2-accel serve` (once its configuration is good and
+install.require_serve_installed has passed), the serve tests and scripts/bench_serve.py import it: the pack, the CLI's
+`--help` and a refused configuration never load them. The deployments live in workers.py and ingress.py.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import socket
 import time
 from dataclasses import dataclass
 
-from ...errors import Flux2AccelError
+from ray import serve
+from ray.serve.config import HTTPOptions
+
+from ...errors import ServeError
 from ...parallel import group
 from ..openai_api import key_digest
+from .app import build_app
 from .config import INGRESS_NAME, ServeConfig
 from .status import is_starting, model_availability
 
 log = logging.getLogger("flux2_accel")
 
 APP_NAME = "flux2-accel"
-INSTALL_HINT = ('flux2-accel serve runs on Ray Serve, which is not installed in this Python: '
-                'pip install "flux2-accel[serve]" (Ray Serve and its HTTP stack), then run it again.')
 READY_TIMEOUT_S = 300.0
 _POLL_S = 0.25
-
-
-class ServeError(Flux2AccelError):
-    """The serve app could not start: Ray Serve missing, the port taken, the ingress failing."""
-
-
-def require_serve():
-    """Ray Serve's modules, imported now; ServeError with the install hint when they are missing."""
-    try:
-        for name in ("ray.serve", "fastapi", "multipart"):
-            importlib.import_module(name)
-    except ImportError:
-        raise ServeError(INSTALL_HINT) from None
-    from ray import serve  # noqa: PLC0415  (imported on first use: see the module docs)
-
-    from . import app  # noqa: PLC0415
-
-    return serve, app
 
 
 @dataclass(frozen=True)
@@ -60,18 +44,15 @@ def deploy(config: ServeConfig, *, address: str | None = None, num_cpus: int | N
     answers and each model either serves or has failed to load. Serve's HTTP proxy binds config.server's host and
     port on the first deployment in a cluster; later ones share it under their own route_prefix."""
     config.check_security()
-    serve, app_module = require_serve()
     if not (address or os.environ.get("RAY_ADDRESS") or group.require_ray().is_initialized()):
         # This process starts the local Ray, so nothing of Serve's holds the port yet. (In a process that has
         # deployed before, Serve's proxy still holds it, and the new app shares it.)
         check_port_free(config.server.host, config.server.port)
     group.ray_started(num_cpus=num_cpus, address=address, log_to_driver=log_to_driver)
-    from ray.serve.config import HTTPOptions  # noqa: PLC0415
-
     key = config.server.api_key()
     try:
         serve.start(http_options=HTTPOptions(host=config.server.host, port=config.server.port))
-        app = app_module.build_app(config, key_digest(key) if key else None, group.cluster_has_gpus())
+        app = build_app(config, key_digest(key) if key else None, group.cluster_has_gpus())
         serve.run_many([serve.RunTarget(app, name=app_name, route_prefix=route_prefix)],
                        wait_for_applications_running=False)
     except Exception as e:
@@ -101,7 +82,6 @@ def check_port_free(host: str, port: int) -> None:
 
 def wait_until_settled(config: ServeConfig, app_name: str, timeout_s: float) -> dict:
     """model -> None or why it does not serve, once the ingress runs and every model serves or has failed."""
-    serve, _ = require_serve()
     deadline = time.monotonic() + timeout_s
     while True:
         app = serve.status().applications.get(app_name)
@@ -120,5 +100,4 @@ def wait_until_settled(config: ServeConfig, app_name: str, timeout_s: float) -> 
 
 def undeploy(app_name: str = APP_NAME) -> None:
     """Remove the app; each replica finishes its running requests first (graceful_shutdown_timeout_s)."""
-    serve, _ = require_serve()
     serve.delete(app_name)
