@@ -36,6 +36,8 @@ class BroadcastingComfyUI:
         self.sockets, self.history, self.requests = [], {}, []
         self.hold = False
         self.fail = False
+        self.answer_prompt = asyncio.Event()  # cleared: POST /prompt queues, then keeps its answer back
+        self.answer_prompt.set()
         app = web.Application()
         app.add_routes([web.get("/system_stats", self.ok), web.get("/ws", self.ws), web.post("/prompt", self.prompt),
                         web.get("/history/{prompt_id}", self.get_history), web.get("/queue", self.queue),
@@ -64,6 +66,7 @@ class BroadcastingComfyUI:
         self.requests.append(("prompt", body))
         prompt_id = str(uuid.uuid4())
         asyncio.get_running_loop().create_task(self.execute(prompt_id))
+        await self.answer_prompt.wait()
         return web.json_response({"prompt_id": prompt_id, "number": 1, "node_errors": {}})
 
     async def execute(self, prompt_id):
@@ -105,7 +108,7 @@ def comfy():
     loop = asyncio.new_event_loop()
 
     async def start():
-        runner = web.AppRunner(fake.app)
+        runner = web.AppRunner(fake.app, shutdown_timeout=5)
         await runner.setup()
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -138,25 +141,51 @@ def test_an_execution_error_names_the_node(comfy):
     assert e.value.status == 500 and "node 5 (Flux2AccelSampler)" in e.value.message and "NaN" in e.value.message
 
 
-def test_cancelling_a_run_takes_its_prompt_off_the_queue_and_interrupts_only_it(comfy):
-    fake, loop, executor = comfy
-    fake.hold = True
-
-    async def run_then_cancel():
-        task = asyncio.ensure_future(executor.run({"5": {}}, ("6",)))
+async def _run_then_cancel(fake, executor):
+    """Start a run, cancel it once its POST /prompt has reached the stand-in, and wait for the cancel to finish."""
+    task = asyncio.ensure_future(executor.run({"5": {}}, ("6",)))
+    async with asyncio.timeout(30):
         while not fake.requests:
             await asyncio.sleep(0.01)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
 
-    loop.run_until_complete(run_then_cancel())
+
+def _assert_cancelled_only_its_prompt(fake):
     cancels = fake.requests[1:]
     assert [path for path, _ in cancels] == ["/queue", "/interrupt"]
     (prompt_id,) = cancels[0][1]["delete"]
     assert cancels[1][1] == {"prompt_id": prompt_id}  # a targeted interrupt: another running prompt is left alone
     assert fake.history == {}  # it never ran
+
+
+def test_cancelling_a_run_takes_its_prompt_off_the_queue_and_interrupts_only_it(comfy):
+    fake, loop, executor = comfy
+    fake.hold = True
+    loop.run_until_complete(_run_then_cancel(fake, executor))
+    _assert_cancelled_only_its_prompt(fake)
     fake.hold = False  # let the stand-in's own task end before its loop closes
+    loop.run_until_complete(asyncio.sleep(0.2))
+
+
+def test_a_run_cancelled_while_its_prompt_is_being_queued_takes_it_off_the_queue(comfy):
+    fake, loop, executor = comfy
+    fake.hold = True
+    fake.answer_prompt.clear()  # ComfyUI has queued the prompt; its answer (the prompt id) is still on its way
+
+    async def cancel_then_answer():
+        cancelling = asyncio.ensure_future(_run_then_cancel(fake, executor))
+        async with asyncio.timeout(30):
+            while not fake.requests:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.1)  # the run is cancelled while it waits for the answer
+            fake.answer_prompt.set()
+            await cancelling
+
+    loop.run_until_complete(cancel_then_answer())
+    _assert_cancelled_only_its_prompt(fake)
+    fake.hold = False
     loop.run_until_complete(asyncio.sleep(0.2))
 
 

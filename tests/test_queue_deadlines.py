@@ -11,6 +11,7 @@ import time
 
 import pytest
 from flux2_accel.optim.cli import main as cli
+from flux2_accel.optim.serve.queue_client import Client, QueueError
 
 aiohttp = pytest.importorskip("aiohttp")
 from aiohttp import web  # noqa: E402
@@ -173,3 +174,31 @@ def test_bad_timeout_is_refused_before_connecting(tmp_path, capsys, value):
     workflow.write_text(json.dumps(GRAPH))
     assert cli.main(["queue", str(workflow), "--server", "http://127.0.0.1:9", "--timeout", value]) == 2
     assert f"--timeout {float(value)}" in capsys.readouterr().err
+
+
+def test_a_cancel_that_lands_as_the_exchange_finishes_is_not_swallowed():
+    """Python 3.11's wait_for returned the exchange's result here and dropped the cancel (CPython gh-86296): a
+    cancelled OpenAI API run then polled /history for ever (the hang of CI stop 35)."""
+    async def cancel_as_it_finishes():
+        answer = asyncio.get_running_loop().create_future()
+
+        async def exchange():
+            return await answer
+
+        client = Client(None, "http://127.0.0.1:1", "id", deadline=30)
+        task = asyncio.ensure_future(client.within_deadline("GET /history", exchange()))
+        await asyncio.sleep(0)  # the task now waits on the exchange
+        answer.set_result("the reply")  # the reply arrives ...
+        task.cancel()  # ... in the same turn of the loop as the cancel
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(cancel_as_it_finishes())
+
+
+def test_an_exchange_past_its_deadline_names_server_and_step_while_the_caller_is_not_cancelled():
+    async def stalled():
+        await asyncio.sleep(FOREVER)
+
+    with pytest.raises(QueueError, match=r"127\.0\.0\.1:1 did not answer GET /queue within 0\.05 s"):
+        asyncio.run(Client(None, "http://127.0.0.1:1", "id", deadline=0.05).within_deadline("GET /queue", stalled()))

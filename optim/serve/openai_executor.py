@@ -102,8 +102,13 @@ class ComfyUIExecutor:
                 raise not_ready(f"ComfyUI's queue is not reachable: {e}") from None
             async with ws:
                 extra = {"preview_method": STREAM_PREVIEW_METHOD} if on_preview is not None else None
+                queueing = asyncio.ensure_future(client.queue(graph, extra_data=extra, broadcast=True))
                 try:
-                    prompt_id, rejected = await client.queue(graph, extra_data=extra, broadcast=True)
+                    prompt_id, rejected = await asyncio.shield(queueing)
+                except asyncio.CancelledError:
+                    # The POST may have reached ComfyUI already: its prompt would run for a client that has gone.
+                    await asyncio.shield(self._cancel_once_queued(queueing))
+                    raise
                 except QueueError as e:
                     raise not_ready(f"ComfyUI's queue is not reachable: {e}") from None
                 if rejected:
@@ -141,6 +146,15 @@ class ComfyUIExecutor:
             await asyncio.wait({messages}, timeout=HISTORY_POLL_S)
             if messages.done() and messages.exception() is None:
                 return await client.history(prompt_id)
+
+    async def _cancel_once_queued(self, queueing: asyncio.Future) -> None:
+        """Cancel the prompt that `queueing` (a POST /prompt under way when the run was cancelled) queues, if any."""
+        try:
+            prompt_id, _ = await queueing
+        except (Exception, asyncio.CancelledError):  # no prompt id came back: nothing was queued to cancel
+            return
+        if prompt_id is not None:
+            await self._cancel(prompt_id)
 
     async def _cancel(self, prompt_id: str) -> None:
         try:

@@ -32,6 +32,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from ..errors import Flux2AccelError, InputError
+from .deadline import deadline
 
 DEFAULT_SERVER = "http://127.0.0.1:8188"
 # The deadline of each HTTP exchange (connect, send, headers, whole body) when --timeout is 0 (a prompt may run as
@@ -202,7 +203,8 @@ class Client:
         import aiohttp
 
         try:
-            return await asyncio.wait_for(exchange, self.deadline)
+            async with deadline(self.deadline):
+                return await exchange
         except asyncio.TimeoutError:
             raise QueueError(f"ComfyUI at {self.base} did not answer {step} within {self.deadline:g} s "
                              "(--timeout): is the server stuck or overloaded?") from None
