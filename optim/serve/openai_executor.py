@@ -151,7 +151,7 @@ class ComfyUIExecutor:
         """Cancel the prompt that `queueing` (a POST /prompt under way when the run was cancelled) queues, if any."""
         try:
             prompt_id, _ = await queueing
-        except (Exception, asyncio.CancelledError):  # no prompt id came back: nothing was queued to cancel
+        except (QueueError, asyncio.CancelledError):  # no prompt id came back: nothing was queued to cancel
             return
         if prompt_id is not None:
             await self._cancel(prompt_id)
